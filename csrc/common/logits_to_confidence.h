@@ -1,0 +1,175 @@
+// logits_to_confidence: the launch description and the per-row reduction state that every compiled
+// backend (csrc/cpu, csrc/cuda) shares. Framework-free; SPEC.md section 1 is the contract and
+// dllm_kernels/reference/logits_to_confidence.py the readable math.
+//
+// One pass over a row keeps a ConfState: the two largest raw logits (and the first index of the
+// largest), the sum of 2^t with t = l*c - lmax*c (c = log2(e) / T for tempered scores, else log2(e)),
+// the sum of 2^t * t (entropy), and for sampling the largest Gumbel key l/T + g with its first index
+// and logit. States of consecutive vocabulary chunks merge exactly (up to fp32 rounding), so a row
+// may be split across threads or CTAs.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/philox.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum DllmDtype { DLLM_FLOAT32 = 0, DLLM_FLOAT16 = 1, DLLM_BFLOAT16 = 2 };
+
+// Same order as SCORES in dllm_kernels/ops/logits_to_confidence.py.
+enum DllmScoreKind {
+  DLLM_SCORE_PROB = 0,
+  DLLM_SCORE_MARGIN = 1,
+  DLLM_SCORE_NEG_ENTROPY = 2,
+  DLLM_SCORE_LOGIT_MARGIN = 3,
+  DLLM_SCORE_RANDOM = 4,
+};
+
+typedef struct {
+  const void* logits;  // row (o, i) starts at o * stride_outer + i * stride_inner elements
+  int dtype;           // DllmDtype
+  int64_t n_outer, n_inner, vocab;
+  int64_t stride_outer, stride_inner;
+  const bool* eligible;   // [n_outer * n_inner] or NULL (every row)
+  const int64_t* banned;  // [n_banned] ids; ids outside [0, vocab) are ignored
+  int64_t n_banned;
+  float temperature;  // 0: argmax; > 0: Gumbel-max sample
+  int score_kind;     // DllmScoreKind
+  int tempered_score;
+  uint64_t seed, offset;
+  int64_t* token;  // [n_outer * n_inner] outputs, contiguous
+  float* score;
+} DllmConfidenceParams;
+
+typedef struct CUstream_st* cudaStream_t;  // as CUDA's driver_types.h declares it
+
+// CPU kernel (csrc/cpu): OpenMP with num_threads threads.
+void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params, int num_threads);
+
+// CUDA kernel (csrc/cuda): enqueued on stream; workspace (device memory of
+// dllm_logits_to_confidence_cuda_workspace(params) bytes) holds split-vocabulary partial states.
+size_t dllm_logits_to_confidence_cuda_workspace(const DllmConfidenceParams* params);
+int dllm_logits_to_confidence_cuda(const DllmConfidenceParams* params, void* workspace, cudaStream_t stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+
+namespace dllm {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Clamp for t in 2^t * t: 2^-1024 is 0 in fp32, and the clamp keeps 0 * -inf from making a NaN.
+constexpr float kMinExponent = -1024.f;
+
+struct ConfState {
+  float lmax;    // largest raw logit (-inf if none)
+  float l2;      // second largest, counting repeats (-inf if none)
+  float z;       // sum of 2^(l*c - lmax*c)
+  float s1;      // sum of 2^t * t
+  float kmax;    // largest sampling key
+  float kl;      // raw logit at kidx
+  int64_t lidx;  // first index of lmax (-1 if none)
+  int64_t kidx;  // first index of kmax
+  int nan;       // a NaN was read
+};
+
+DLLM_HD DLLM_INLINE ConfState empty_state() {
+  return ConfState{-INFINITY, -INFINITY, 0.f, 0.f, -INFINITY, -INFINITY, -1, -1, 0};
+}
+
+// Launch constants derived once from the parameters.
+struct ConfConsts {
+  float c;      // log2(e) times the softmax scale
+  float inv_t;  // 1 / T for sampling keys
+  bool sample;
+  bool need_top2;
+  bool need_entropy;
+};
+
+DLLM_HD DLLM_INLINE ConfConsts make_consts(const DllmConfidenceParams& p) {
+  ConfConsts k;
+  k.sample = p.temperature > 0.f;
+  k.inv_t = k.sample ? 1.f / p.temperature : 0.f;
+  const bool tempered = k.sample && p.tempered_score && p.score_kind != DLLM_SCORE_LOGIT_MARGIN;
+  k.c = tempered ? kLog2e * k.inv_t : kLog2e;
+  k.need_top2 = p.score_kind == DLLM_SCORE_MARGIN || p.score_kind == DLLM_SCORE_LOGIT_MARGIN;
+  k.need_entropy = p.score_kind == DLLM_SCORE_NEG_ENTROPY;
+  return k;
+}
+
+// (z, s1) measured against exponent base m_old, re-expressed against m_new >= m_old.
+DLLM_HD DLLM_INLINE void rescale(float& z, float& s1, float m_old, float m_new) {
+  if (z == 0.f) return;
+  const float d = m_old - m_new;
+  const float w = exp2f(d);
+  s1 = w * (s1 + d * z);
+  z *= w;
+}
+
+// Merge b into a, where b covers vocabulary indices after a's (ties keep a's index).
+DLLM_HD DLLM_INLINE void merge_states(ConfState& a, const ConfState& b, const ConfConsts& k) {
+  const float lmax = fmaxf(a.lmax, b.lmax);
+  if (lmax != -INFINITY) {
+    float bz = b.z, bs1 = b.s1;
+    rescale(a.z, a.s1, a.lmax * k.c, lmax * k.c);
+    rescale(bz, bs1, b.lmax * k.c, lmax * k.c);
+    a.z += bz;
+    a.s1 += bs1;
+  }
+  if (b.lmax > a.lmax) {
+    a.l2 = fmaxf(a.lmax, b.l2);
+    a.lmax = b.lmax;
+    a.lidx = b.lidx;
+  } else {
+    a.l2 = fmaxf(a.l2, b.lmax);
+  }
+  if (b.kmax > a.kmax) {
+    a.kmax = b.kmax;
+    a.kidx = b.kidx;
+    a.kl = b.kl;
+  }
+  a.nan |= b.nan;
+}
+
+// The (token, score) of a row from its whole-row state.
+DLLM_HD DLLM_INLINE void finalize_state(const ConfState& s, const DllmConfidenceParams& p, const ConfConsts& k,
+                                        uint32_t row, int64_t* token, float* score) {
+  if (s.nan || s.lmax == INFINITY) {
+    *token = -1;
+    *score = NAN;
+    return;
+  }
+  if (s.lidx < 0) {
+    *token = -1;
+    *score = -INFINITY;
+    return;
+  }
+  float value;
+  switch (p.score_kind) {
+    case DLLM_SCORE_PROB:
+      value = (k.sample ? exp2f((s.kl - s.lmax) * k.c) : 1.f) / s.z;
+      break;
+    case DLLM_SCORE_MARGIN:
+      value = -expm1f((s.l2 - s.lmax) * k.c * kLn2) / s.z;  // exact-ish when l2 ~ lmax
+      break;
+    case DLLM_SCORE_NEG_ENTROPY:
+      value = kLn2 * s.s1 / s.z - logf(s.z);
+      break;
+    case DLLM_SCORE_LOGIT_MARGIN:
+      value = s.lmax - s.l2;
+      break;
+    default:
+      value = counter_uniform(p.seed, p.offset, row, static_cast<uint32_t>(p.vocab));
+  }
+  *token = k.sample ? s.kidx : s.lidx;
+  *score = value;
+}
+
+}  // namespace dllm
+#endif  // __cplusplus

@@ -1,0 +1,66 @@
+// Counter-based random numbers shared by every backend (framework-free, host and device).
+//
+// A random word is word 0 of Philox4x32-10 (Salmon et al., SC'11) with key (seed_lo, seed_hi) and
+// counter (col, row, offset_lo, offset_hi); its uniform is ((x >> 9) + 0.5) * 2^-23, strictly inside
+// (0, 1) and exact in fp32. dllm_kernels/reference/counter_rng.py is the same definition in PyTorch.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace dllm {
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+
+// 32x32 -> 64-bit product split into halves. Specialised per word type, so the CPU kernels can
+// run the same rounds on SIMD vectors of words.
+template <class U>
+struct MulHiLo;
+
+template <>
+struct MulHiLo<uint32_t> {
+  static DLLM_HD DLLM_INLINE void run(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+    hi = __umulhi(a, b);
+    lo = a * b;
+#else
+    const uint64_t p = static_cast<uint64_t>(a) * b;
+    hi = static_cast<uint32_t>(p >> 32);
+    lo = static_cast<uint32_t>(p);
+#endif
+  }
+};
+
+template <class U>
+DLLM_HD DLLM_INLINE U philox_word0(U c0, U c1, U c2, U c3, uint64_t seed) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    U hi0, lo0, hi1, lo1;
+    MulHiLo<U>::run(kPhiloxRoundA, c0, hi0, lo0);
+    MulHiLo<U>::run(kPhiloxRoundB, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return c0;
+}
+
+DLLM_HD DLLM_INLINE float uniform_from_word(uint32_t x) {
+  return (static_cast<float>(x >> 9) + 0.5f) * 0x1p-23f;
+}
+
+// Uniform (0, 1) keyed by (seed, offset, row, col).
+DLLM_HD DLLM_INLINE float counter_uniform(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
+  return uniform_from_word(philox_word0<uint32_t>(col, row, static_cast<uint32_t>(offset),
+                                                  static_cast<uint32_t>(offset >> 32), seed));
+}
+
+}  // namespace dllm

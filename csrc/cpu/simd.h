@@ -1,0 +1,132 @@
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions of 16 lanes.
+//
+// Kernels include this and mark their entry points DLLM_CPU_MULTIVERSION: the compiler then builds
+// one copy for AVX-512, one for AVX2+FMA+F16C and a baseline x86-64 copy, and the loader picks the
+// best for the running CPU. Everything here is always_inline, so it is compiled once per copy.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define DLLM_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DLLM_CPU_MULTIVERSION
+#endif
+
+#define DLLM_SIMD_INLINE inline __attribute__((always_inline))
+
+namespace dllm::simd {
+
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint64_t vuint64 __attribute__((vector_size(128)));
+typedef uint16_t vhalf_bits __attribute__((vector_size(32)));
+typedef _Float16 vhalf __attribute__((vector_size(32)));
+
+DLLM_SIMD_INLINE vfloat splat(float x) { return vfloat{} + x; }
+
+DLLM_SIMD_INLINE vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
+
+// Lane-wise max that ignores NaN in x (NaN > m is false).
+DLLM_SIMD_INLINE vfloat max_ignore_nan(vfloat m, vfloat x) { return x > m ? x : m; }
+
+DLLM_SIMD_INLINE float reduce_max(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+DLLM_SIMD_INLINE float reduce_sum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+DLLM_SIMD_INLINE bool any(vint mask) {
+  int r = 0;
+  for (int i = 0; i < kLanes; ++i) r |= mask[i];
+  return r != 0;
+}
+
+// Load 16 elements of float / half / bfloat16 (passed as their 16-bit pattern) as fp32.
+DLLM_SIMD_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+DLLM_SIMD_INLINE vfloat load(const _Float16* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vfloat);
+}
+struct bf16 {
+  uint16_t bits;
+};
+DLLM_SIMD_INLINE vfloat load(const bf16* p) {
+  vhalf_bits h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<vfloat>(__builtin_convertvector(h, vuint) << 16);
+}
+
+DLLM_SIMD_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+DLLM_SIMD_INLINE float to_float(float x) { return x; }
+DLLM_SIMD_INLINE float to_float(_Float16 x) { return static_cast<float>(x); }
+DLLM_SIMD_INLINE float to_float(bf16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest integer for |x| < 2^22 (the 1.5 * 2^23 trick; this file is never built with
+// -ffast-math, which would fold it away).
+DLLM_SIMD_INLINE vfloat round_nearest(vfloat x) {
+  const vfloat magic = splat(12582912.f);
+  return (x + magic) - magic;
+}
+
+// 2^x for x <= 0 (relative error ~2e-7); 0 below -126; NaN stays NaN.
+DLLM_SIMD_INLINE vfloat exp2(vfloat x) {
+  const vint tiny = x < -126.f;
+  x = select(tiny, splat(-126.f), x);
+  const vfloat n = round_nearest(x);
+  const vfloat f = x - n;  // in [-0.5, 0.5]
+  // Taylor series of 2^f = e^(f ln 2) to degree 7: truncation error < 1e-9 on [-0.5, 0.5].
+  vfloat p = splat(1.5252733804059840e-05f);
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284770e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return select(tiny, vfloat{}, p * reinterpret_cast<vfloat>(bits));
+}
+
+// Natural log for positive normal x (relative error ~1e-7).
+DLLM_SIMD_INLINE vfloat log(vfloat x) {
+  vint bits = reinterpret_cast<vint>(x);
+  vint e = ((bits >> 23) & 0xff) - 127;
+  vfloat m = reinterpret_cast<vfloat>((bits & 0x7fffff) | 0x3f800000);  // [1, 2)
+  const vint big = m > 1.41421356f;
+  m = select(big, m * 0.5f, m);
+  e = e + (big & 1);
+  // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172: series to s^11 is exact to ~1e-9.
+  const vfloat s = (m - 1.f) / (m + 1.f);
+  const vfloat s2 = s * s;
+  vfloat q = splat(1.f / 11.f);
+  q = q * s2 + 1.f / 9.f;
+  q = q * s2 + 1.f / 7.f;
+  q = q * s2 + 1.f / 5.f;
+  q = q * s2 + 1.f / 3.f;
+  q = q * s2 + 1.f;
+  return 2.f * s * q + __builtin_convertvector(e, vfloat) * 0.6931471805599453f;
+}
+
+}  // namespace dllm::simd

@@ -1,0 +1,12 @@
+"""dllm-kernels: fused decode-step kernels for diffusion LLMs, as ``torch.ops.dllm.*`` custom ops.
+
+Every op has a plain-PyTorch reference and, where built, ``cuda``, ``triton`` and ``cpu`` backends;
+``available_backends()`` says which this install runs, ``use_backend(name)`` pins one.
+"""
+
+from . import _registry  # noqa: F401  (defines the schemas before any op registers kernels)
+from ._backends import BACKENDS, available_backends, use_backend
+from .ops.logits_to_confidence import logits_to_confidence
+
+__all__ = ["BACKENDS", "available_backends", "logits_to_confidence", "use_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""Backend ("provider") choice for every dllm op.
+
+Automatic choice walks ``cuda -> triton -> cpu -> reference`` and takes the first backend that is
+installed and says it supports the call. It looks only at metadata (device, dtype, shape, strides,
+what was built), never at tensor values, and reads no environment variable per call: ``DLLM_BACKEND``
+is read once, at import. ``use_backend(name)`` overrides both; an explicitly requested backend that
+cannot run the call raises instead of falling back.
+"""
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+# Triton kernels run on CPU tensors only in the interpreter, and only when asked for by name.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+    def __str__(self):
+        return ("available: " if self.available else "unavailable: ") + self.reason
+
+
+def _triton_status() -> BackendStatus:
+    try:
+        import triton
+    except ImportError as e:
+        return BackendStatus(False, f"triton is not importable ({e})")
+    if torch.cuda.is_available():
+        return BackendStatus(True, f"triton {triton.__version__} on CUDA tensors")
+    if TRITON_INTERPRET:
+        return BackendStatus(True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors")
+    return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
+
+
+def _compute_status() -> dict[str, BackendStatus]:
+    ext = _extension.load_error
+    if ext is not None:
+        cpu = BackendStatus(False, f"compiled extension not loaded: {ext}")
+        cuda = cpu
+    else:
+        cpu = BackendStatus(True, "compiled C++ kernels (OpenMP)")
+        if not _extension.cuda_built():
+            cuda = BackendStatus(False, "extension built without CUDA (torch without CUDA, or no nvcc)")
+        elif not torch.cuda.is_available():
+            cuda = BackendStatus(False, "no CUDA device visible")
+        else:
+            cuda = BackendStatus(True, "compiled CUDA kernels")
+    return {
+        "cuda": cuda,
+        "triton": _triton_status(),
+        "cpu": cpu,
+        "reference": BackendStatus(True, "plain PyTorch (the semantics and the test oracle)"),
+    }
+
+
+_STATUS: dict[str, BackendStatus] | None = None
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """What this install can run, and why not the rest: ``{backend: BackendStatus}``."""
+    global _STATUS
+    if _STATUS is None:
+        _STATUS = _compute_status()
+    return dict(_STATUS)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"dllm: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_ENV_BACKEND = os.environ.get("DLLM_BACKEND") or None
+if _ENV_BACKEND is not None:
+    _check_name(_ENV_BACKEND)
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dllm_backend", default=_ENV_BACKEND)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run every dllm op inside the block on backend ``name`` (``None``: automatic choice)."""
+    token = _forced.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _device_supported(backend: str, device: torch.device, explicit: bool) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, got {device.type}"
+    if device.type == "cuda":
+        return None
+    if backend == "triton" and device.type == "cpu" and TRITON_INTERPRET:
+        return None if explicit else "triton on CPU tensors runs only when requested by name"
+    return f"the {backend} backend runs CUDA tensors, got {device.type}"
+
+
+@dataclass(frozen=True)
+class Provider:
+    backend: str
+    run: Callable
+    # Metadata-only predicate: None if the provider can run these arguments, else why not.
+    supports: Callable[..., str | None]
+
+
+class Dispatcher:
+    """The providers of one op and the rule that picks one for a call."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.providers: dict[str, Provider] = {}
+
+    def register(self, backend: str, supports: Callable[..., str | None] = lambda *a, **k: None):
+        def decorate(run):
+            self.providers[_check_name(backend)] = Provider(backend, run, supports)
+            return run
+
+        return decorate
+
+    def why_not(self, backend: str, device: torch.device, *args, explicit: bool = False, **kwargs):
+        """None if ``backend`` can run this call, else the reason it cannot."""
+        provider = self.providers.get(backend)
+        if provider is None:
+            return f"{self.op} has no {backend} implementation"
+        status = available_backends()[backend]
+        if not status.available:
+            return status.reason
+        return _device_supported(backend, device, explicit) or provider.supports(*args, **kwargs)
+
+    def select(self, device: torch.device, *args, **kwargs) -> Provider:
+        forced = _forced.get()
+        if forced is not None:
+            reason = self.why_not(forced, device, *args, explicit=True, **kwargs)
+            if reason is not None:
+                raise RuntimeError(f"dllm::{self.op}: backend {forced!r} was requested but cannot run: {reason}")
+            return self.providers[forced]
+        for backend in BACKENDS:
+            if self.why_not(backend, device, *args, **kwargs) is None:
+                return self.providers[backend]
+        raise RuntimeError(f"dllm::{self.op}: no backend can run on {device}")  # reference runs anywhere
+
+    def backends_for(self, device: torch.device, *args, **kwargs) -> list[str]:
+        """Every backend that can run this call when asked by name (tests and benchmarks walk these)."""
+        return [b for b in BACKENDS if self.why_not(b, device, *args, explicit=True, **kwargs) is None]

@@ -1,0 +1,22 @@
+"""The one place where every dllm op's schema is defined.
+
+The schemas live in Python (not in the compiled extension) so that ``torch.ops.dllm.*`` exists on
+every install, including one where the extension could not be built. Each op's module under
+``dllm_kernels.ops`` registers the fake kernel and the dispatching implementation; the argument
+names and defaults here are the public API of ``../shared/SPEC.md``.
+"""
+
+import torch
+
+lib = torch.library.Library("dllm", "DEF")
+
+SCHEMAS = {
+    "logits_to_confidence": (
+        "logits_to_confidence(Tensor logits, Tensor? eligible=None, *, float temperature=0.0, "
+        'str score="prob", bool tempered_score=False, Tensor? banned=None, int seed=0, '
+        "int offset=0) -> (Tensor token, Tensor score)"
+    ),
+}
+
+for _schema in SCHEMAS.values():
+    lib.define(_schema)

@@ -1,0 +1,1 @@
+"""One module per op: argument checks, fake kernel, dispatching implementation, providers."""
