@@ -40,7 +40,9 @@ def _triton_status() -> BackendStatus:
     if torch.cuda.is_available():
         return BackendStatus(True, f"triton {triton.__version__} on CUDA tensors")
     if TRITON_INTERPRET:
-        return BackendStatus(True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors")
+        return BackendStatus(
+            True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
+        )
     return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
 
 
@@ -147,7 +149,9 @@ class Dispatcher:
         if forced is not None:
             reason = self.why_not(forced, device, *args, explicit=True, **kwargs)
             if reason is not None:
-                raise RuntimeError(f"dllm::{self.op}: backend {forced!r} was requested but cannot run: {reason}")
+                raise RuntimeError(
+                    f"dllm::{self.op}: backend {forced!r} was requested but cannot run: {reason}"
+                )
             return self.providers[forced]
         for backend in BACKENDS:
             if self.why_not(backend, device, *args, **kwargs) is None:

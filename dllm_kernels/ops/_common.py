@@ -14,10 +14,6 @@ class OpError:
     def __call__(self, message: str, exc: type[Exception] = RuntimeError):
         raise exc(f"dllm::{self.op}: {message}")
 
-    def check(self, ok: bool, message: str, exc: type[Exception] = RuntimeError):
-        if not ok:
-            self(message, exc)
-
     def dtype(self, name: str, t: torch.Tensor, allowed):
         if t.dtype not in allowed:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)

@@ -63,41 +63,59 @@ def logits_to_confidence(
 
 
 def check_args(logits, eligible, temperature, score, banned):
-    _err.check(isinstance(logits, torch.Tensor), f"logits must be a Tensor; got {type(logits).__name__}")
+    if not isinstance(logits, torch.Tensor):
+        _err(f"logits must be a Tensor; got {type(logits).__name__}", TypeError)
     _err.dtype("logits", logits, FLOAT_DTYPES)
-    _err.check(logits.dim() >= 1, "logits must have shape [..., V] (at least 1 dim); got a 0-dim tensor")
-    _err.check(logits.shape[-1] >= 1, f"logits must have V >= 1; got shape {list(logits.shape)}")
-    _err.check(
-        logits.stride(-1) == 1 or logits.shape[-1] == 1,
-        f"logits must be contiguous along the vocabulary (stride(-1) == 1); got strides {list(logits.stride())}",
-    )
+    if logits.dim() == 0:
+        _err("logits must have shape [..., V] (at least 1 dim); got a 0-dim tensor")
+    if logits.shape[-1] == 0:
+        _err(f"logits must have V >= 1; got shape {list(logits.shape)}")
+    if logits.stride(-1) != 1 and logits.shape[-1] != 1:
+        _err(f"logits must be contiguous along V (stride(-1) == 1); got strides {list(logits.stride())}")
     if eligible is not None:
         _err.dtype("eligible", eligible, (torch.bool,))
         _err.shape("eligible", eligible, logits.shape[:-1], " (logits.shape[:-1])")
         _err.same_device("eligible", eligible, "logits", logits)
     if banned is not None:
         _err.dtype("banned", banned, (torch.int64,))
-        _err.check(banned.dim() == 1, f"banned must be a 1-dim tensor of token ids; got shape {list(banned.shape)}")
+        if banned.dim() != 1:
+            _err(f"banned must be a 1-dim tensor of token ids; got shape {list(banned.shape)}")
         _err.same_device("banned", banned, "logits", logits)
-    _err.check(score in SCORES, f"score must be one of {', '.join(SCORES)}; got {score!r}", ValueError)
-    _err.check(
-        math.isfinite(temperature) and temperature >= 0,
-        f"temperature must be finite and >= 0; got {temperature}",
-        ValueError,
-    )
+    if score not in SCORES:
+        _err(f"score must be one of {', '.join(SCORES)}; got {score!r}", ValueError)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        _err(f"temperature must be finite and >= 0; got {temperature}", ValueError)
 
 
 @torch.library.register_fake(f"dllm::{OP}")
-def _fake(logits, eligible=None, *, temperature=0.0, score="prob", tempered_score=False, banned=None, seed=0,
-          offset=0):
+def _fake(
+    logits,
+    eligible=None,
+    *,
+    temperature=0.0,
+    score="prob",
+    tempered_score=False,
+    banned=None,
+    seed=0,
+    offset=0,
+):
     check_args(logits, eligible, temperature, score, banned)
     shape = logits.shape[:-1]
     return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.register_kernel(f"dllm::{OP}", None)
-def _impl(logits, eligible=None, *, temperature=0.0, score="prob", tempered_score=False, banned=None, seed=0,
-          offset=0):
+def _impl(
+    logits,
+    eligible=None,
+    *,
+    temperature=0.0,
+    score="prob",
+    tempered_score=False,
+    banned=None,
+    seed=0,
+    offset=0,
+):
     check_args(logits, eligible, temperature, score, banned)
     rows = rows_view(logits)
     rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
@@ -110,8 +128,14 @@ def _impl(logits, eligible=None, *, temperature=0.0, score="prob", tempered_scor
 @dispatcher.register("reference")
 def _reference(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
     return reference.logits_to_confidence(
-        rows, eligible, temperature=temperature, score=score, tempered_score=tempered_score, banned=banned,
-        seed=seed, offset=offset,
+        rows,
+        eligible,
+        temperature=temperature,
+        score=score,
+        tempered_score=tempered_score,
+        banned=banned,
+        seed=seed,
+        offset=offset,
     )
 
 

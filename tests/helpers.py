@@ -1,0 +1,36 @@
+"""Comparison helpers and the one tolerance table every op's tests use."""
+
+import math
+
+import torch
+
+from dllm_kernels import BACKENDS
+
+# Float outputs against the reference, by the output's dtype. fp32 outputs are accumulated in fp32
+# by the kernels and in fp64 by the reference.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+# CUDA cases are always collected, and skip (marked "gpu") where there is no device.
+DEVICES = ["cpu", "cuda"]
+
+# Every backend that is compared with the reference (the reference itself is checked by hand).
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = ""):
+    """Equal NaN / inf pattern, finite values within the tolerance of actual's dtype."""
+    torch.testing.assert_close(
+        actual, expected.to(actual.dtype), equal_nan=True, msg=msg or None, **TOLERANCES[actual.dtype]
+    )
+
+
+def assert_mostly_equal(actual: torch.Tensor, expected: torch.Tensor, max_disagree: float, msg: str = ""):
+    """Integer outputs that may differ in a fraction of entries (float rounding in sampling keys)."""
+    n = expected.numel()
+    bad = int((actual != expected).sum())
+    allowed = math.floor(max_disagree * n) + (1 if max_disagree > 0 else 0)
+    assert bad <= allowed, f"{msg}: {bad} of {n} entries differ (allowed {allowed})"

@@ -1,0 +1,101 @@
+"""The dispatcher: automatic choice, pinning, availability reporting, a missing extension."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dllm_kernels
+from dllm_kernels import BACKENDS, available_backends, use_backend
+from dllm_kernels.ops._common import rows_view
+from dllm_kernels.ops.logits_to_confidence import dispatcher
+
+
+def python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_available_backends_report():
+    status = available_backends()
+    assert list(status) == list(BACKENDS)
+    assert status["reference"].available
+    for name, s in status.items():
+        assert s.reason, f"{name} has no reason"
+    if os.environ.get("DLLM_REQUIRE_EXTENSION") == "1":  # set by `make test`: the build must have worked
+        assert status["cpu"].available, status["cpu"].reason
+
+
+def test_automatic_choice_on_cpu():
+    rows = rows_view(torch.randn(2, 3, 10))
+    expected = "cpu" if available_backends()["cpu"].available else "reference"
+    assert dispatcher.select(torch.device("cpu"), rows).backend == expected
+    with use_backend("reference"):
+        assert dispatcher.select(torch.device("cpu"), rows).backend == "reference"
+    with use_backend(None):
+        assert dispatcher.select(torch.device("cpu"), rows).backend == expected
+
+
+def test_pinned_backend_that_cannot_run_raises():
+    with use_backend("cuda"), pytest.raises(RuntimeError) as info:
+        dllm_kernels.logits_to_confidence(torch.randn(2, 10))
+    assert str(info.value).startswith("dllm::logits_to_confidence: backend 'cuda' was requested but cannot run")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'; expected one of cuda, triton, cpu, reference"):
+        with use_backend("tpu"):
+            pass
+
+
+def test_env_pins_backend_once_at_import():
+    code = """
+        import torch, dllm_kernels
+        from dllm_kernels.ops.logits_to_confidence import dispatcher
+        print(dispatcher.select(torch.device("cpu"), torch.randn(1, 1, 4)).backend)
+    """
+    assert python(code, DLLM_BACKEND="reference").stdout.strip() == "reference"
+    bad = python(code, DLLM_BACKEND="fast")
+    assert bad.returncode != 0 and "unknown backend 'fast'" in bad.stderr
+
+
+def test_triton_on_cpu_only_in_interpreter_and_by_name():
+    code = """
+        import torch, dllm_kernels
+        with dllm_kernels.use_backend("triton"):
+            dllm_kernels.logits_to_confidence(torch.randn(2, 10))
+    """
+    result = python(code, TRITON_INTERPRET="0")
+    assert result.returncode != 0
+    assert "backend 'triton' was requested but cannot run" in result.stderr
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    code = """
+        import sys, warnings
+        sys.modules["dllm_kernels._C"] = None  # as if the extension had not been built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, dllm_kernels
+            import dllm_kernels.ops.logits_to_confidence
+        messages = [str(w.message) for w in caught if "compiled extension" in str(w.message)]
+        assert len(messages) == 1, messages
+        print(messages[0])
+        print(dllm_kernels.available_backends()["cpu"])
+        token, score = dllm_kernels.logits_to_confidence(torch.tensor([[0.0, 2.0, 1.0]]))
+        print(token.item())
+    """
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "could not be loaded" in lines[0]
+    assert lines[1].startswith("unavailable: compiled extension not loaded")
+    assert lines[2] == "1"
