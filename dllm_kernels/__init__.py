@@ -7,6 +7,7 @@ Every op has a plain-PyTorch reference and, where built, ``cuda``, ``triton`` an
 from . import _registry  # noqa: F401  (defines the schemas before any op registers kernels)
 from ._backends import BACKENDS, available_backends, use_backend
 from .ops.logits_to_confidence import logits_to_confidence
+from .ops.select_unmask import select_unmask
 
-__all__ = ["BACKENDS", "available_backends", "logits_to_confidence", "use_backend"]
+__all__ = ["BACKENDS", "available_backends", "logits_to_confidence", "select_unmask", "use_backend"]
 __version__ = "0.1.0"

@@ -16,6 +16,11 @@ SCHEMAS = {
         'str score="prob", bool tempered_score=False, Tensor? banned=None, int seed=0, '
         "int offset=0) -> (Tensor token, Tensor score)"
     ),
+    "select_unmask": (
+        'select_unmask(Tensor score, Tensor eligible, *, str policy="topk", Tensor? k=None, '
+        "float threshold=0.9, bool inclusive=False, float factor=1.0, int min_per_row=1, "
+        "Tensor? token=None, Tensor(a!)? x=None) -> (Tensor selected, Tensor count)"
+    ),
 }
 
 for _schema in SCHEMAS.values():

@@ -47,13 +47,16 @@ def test_automatic_choice_on_cpu():
 def test_pinned_backend_that_cannot_run_raises():
     with use_backend("cuda"), pytest.raises(RuntimeError) as info:
         dllm_kernels.logits_to_confidence(torch.randn(2, 10))
-    assert str(info.value).startswith("dllm::logits_to_confidence: backend 'cuda' was requested but cannot run")
+    message = str(info.value)
+    assert message.startswith("dllm::logits_to_confidence: backend 'cuda' was requested but cannot run"), (
+        message
+    )
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="unknown backend 'tpu'; expected one of cuda, triton, cpu, reference"):
-        with use_backend("tpu"):
-            pass
+    expected = "unknown backend 'tpu'; expected one of cuda, triton, cpu, reference"
+    with pytest.raises(ValueError, match=expected), use_backend("tpu"):
+        pass
 
 
 def test_env_pins_backend_once_at_import():

@@ -175,7 +175,7 @@ def test_triton_forced_splits(splits):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_sample_frequencies(backend, device):
     """Sampled tokens follow softmax(logits / T) (the same row repeated under different counters)."""
-    n_rows = 3000 if backend == "triton" and device == "cpu" else 20000
+    n_rows = 2000 if backend == "triton" and device == "cpu" else 20000
     temperature = 0.8
     row = torch.tensor([1.0, 0.0, 2.5, -1.0, 2.0, 0.5, 1.7], device=device)
     token, _ = run(backend, row.expand(n_rows, -1), temperature=temperature, seed=123)
@@ -188,7 +188,8 @@ def test_sample_frequencies(backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_sampling_agreement_and_determinism(backend, device):
-    logits = random_logits((2000, 1000), torch.bfloat16, device, scale=2.0)
+    interpreted = backend == "triton" and device == "cpu"  # the interpreter runs one program at a time
+    logits = random_logits((700 if interpreted else 4000, 1000), torch.bfloat16, device, scale=2.0)
     kwargs = dict(temperature=1.0, score="prob", seed=2024, offset=17)
     token, score = run(backend, logits, **kwargs)
     ref_token, _ = reference(logits, **kwargs)

@@ -8,5 +8,6 @@
 namespace dllm::bindings {
 
 void register_logits_to_confidence(pybind11::module_& m);
+void register_select_unmask(pybind11::module_& m);
 
 }  // namespace dllm::bindings

@@ -8,4 +8,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_built") = false;
 #endif
   dllm::bindings::register_logits_to_confidence(m);
+  dllm::bindings::register_select_unmask(m);
 }

@@ -1,0 +1,163 @@
+"""``dllm::select_unmask``: batched remask / unmask selection with a fused commit. SPEC.md section 2."""
+
+import math
+
+import torch
+
+from .. import _extension
+from .._backends import Dispatcher
+from ..reference import select_unmask as reference
+from ._common import OpError
+
+OP = "select_unmask"
+POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all")
+_NEEDS_K = ("topk", "topk_or_threshold")
+_err = OpError(OP)
+dispatcher = Dispatcher(OP)
+
+
+def select_unmask(
+    score: torch.Tensor,
+    eligible: torch.Tensor,
+    *,
+    policy: str = "topk",
+    k: torch.Tensor | None = None,
+    threshold: float = 0.9,
+    inclusive: bool = False,
+    factor: float = 1.0,
+    min_per_row: int = 1,
+    token: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions of each row to unmask this step, and (optionally) commit them into ``x``.
+
+    Args:
+        score: fp32 ``[B, L]`` confidence (``logits_to_confidence``'s score); unit last stride.
+        eligible: bool ``[B, L]``: still masked and inside the active (sub-)block. A position is
+            selectable when eligible and its score is neither ``-inf`` nor NaN; nothing else is selected.
+        policy: "topk" (the ``k[b]`` best; LLaDA, Dream), "threshold" (``score > threshold``, ``>=`` when
+            ``inclusive``; Fast-dLLM, SGLang), "factor" (Fast-dLLM's ``c_i >= 1 - factor / (i + 1)``
+            prefix), "topk_or_threshold" (SDAR: every passing position when at least ``k[b]`` pass, else
+            the top ``k[b]``), "all" (Prophet's commit of everything).
+        k: int32 / int64 ``[B]`` on the score's device; needed by "topk" and "topk_or_threshold";
+            clamped to the selectable count, ``k <= 0`` selects nothing.
+        threshold, inclusive, factor: compared in fp64 with the fp32 score widened exactly.
+        min_per_row: every row selects at least ``min(min_per_row, selectable)`` positions, best first.
+        token, x: int64 ``[B, L]``, both or neither: ``x[selected] = token[selected]`` in the same launch.
+
+    Returns:
+        ``selected`` bool ``[B, L]`` and ``count`` int32 ``[B]``. Selection is exact: the first ``count[b]``
+        positions of a stable descending sort on ``(score, -position)``. No host sync.
+    """
+    return torch.ops.dllm.select_unmask(
+        score,
+        eligible,
+        policy=policy,
+        k=k,
+        threshold=threshold,
+        inclusive=inclusive,
+        factor=factor,
+        min_per_row=min_per_row,
+        token=token,
+        x=x,
+    )
+
+
+def _matrix(name, t, dtypes, shape, ref_name, ref):
+    _err.dtype(name, t, dtypes)
+    _err.shape(name, t, shape, f" (the shape of {ref_name})" if ref_name != name else "")
+    _err.same_device(name, t, ref_name, ref)
+    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+        _err(f"{name} must be contiguous along L (stride(-1) == 1); got strides {list(t.stride())}")
+
+
+def check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x):
+    if not isinstance(score, torch.Tensor) or score.dim() != 2:
+        got = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+        _err(f"score must be a [B, L] tensor; got {got}")
+    _matrix("score", score, (torch.float32,), score.shape, "score", score)
+    _matrix("eligible", eligible, (torch.bool,), score.shape, "score", score)
+    if policy not in POLICIES:
+        _err(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}", ValueError)
+    if k is None:
+        if policy in _NEEDS_K:
+            _err(f"policy {policy!r} needs k (int32/int64 [B]); got None", ValueError)
+    else:
+        _err.dtype("k", k, (torch.int32, torch.int64))
+        _err.shape("k", k, score.shape[:1], " ([B])")
+        _err.same_device("k", k, "score", score)
+    if (token is None) != (x is None):
+        _err(
+            f"token and x go together (fused commit); got token={'set' if token is not None else 'None'}, "
+            f"x={'set' if x is not None else 'None'}",
+            ValueError,
+        )
+    if x is not None:
+        _matrix("x", x, (torch.int64,), score.shape, "score", score)
+        _matrix("token", token, (torch.int64,), score.shape, "score", score)
+    if min_per_row < 0:
+        _err(f"min_per_row must be >= 0; got {min_per_row}", ValueError)
+    if not math.isfinite(threshold):
+        _err(f"threshold must be finite; got {threshold}", ValueError)
+    if not math.isfinite(factor):
+        _err(f"factor must be finite; got {factor}", ValueError)
+
+
+@torch.library.register_fake(f"dllm::{OP}")
+def _fake(
+    score,
+    eligible,
+    *,
+    policy="topk",
+    k=None,
+    threshold=0.9,
+    inclusive=False,
+    factor=1.0,
+    min_per_row=1,
+    token=None,
+    x=None,
+):
+    check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x)
+    return score.new_empty(score.shape, dtype=torch.bool), score.new_empty(score.shape[:1], dtype=torch.int32)
+
+
+@torch.library.register_kernel(f"dllm::{OP}", None)
+def _impl(
+    score,
+    eligible,
+    *,
+    policy="topk",
+    k=None,
+    threshold=0.9,
+    inclusive=False,
+    factor=1.0,
+    min_per_row=1,
+    token=None,
+    x=None,
+):
+    check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x)
+    provider = dispatcher.select(score.device, score)
+    return provider.run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+
+
+@dispatcher.register("reference")
+def _reference(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+    return reference.select_unmask(
+        score,
+        eligible,
+        policy=policy,
+        k=k,
+        threshold=threshold,
+        inclusive=inclusive,
+        factor=factor,
+        min_per_row=min_per_row,
+        token=token,
+        x=x,
+    )
+
+
+@dispatcher.register("cpu")
+def _cpu(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+    return _extension._C.select_unmask_cpu(
+        score, eligible, POLICIES.index(policy), k, threshold, inclusive, factor, min_per_row, token, x
+    )

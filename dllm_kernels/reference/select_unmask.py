@@ -1,0 +1,71 @@
+"""select_unmask in plain PyTorch: the statement of the selection rules and the test oracle.
+
+Per row, the *selectable* positions are the eligible ones whose score is neither ``-inf`` nor NaN. They
+are ordered by a stable descending sort on ``(score, -position)``: higher score first, equal scores
+lower position first. Every policy picks a count ``n`` and selects the first ``n`` of that order:
+
+- ``topk``: ``n = min(k[b], S)`` (``S`` = selectable count; ``k < 0`` counts as 0)
+- ``threshold``: ``n`` = how many have ``score > threshold`` (``>=`` when ``inclusive``); they are a
+  prefix of the order
+- ``factor``: the longest prefix with ``c_i >= 1 - factor / (i + 1)`` at every 1-based rank ``i``;
+  rank 1 always passes
+- ``topk_or_threshold``: the threshold's ``n`` if it reaches ``k[b]``, else ``min(k[b], S)``
+- ``all``: ``n = S``
+
+then ``n = max(n, min(min_per_row, S))``. Comparisons widen the fp32 score to fp64 and compare with the
+bound computed in fp64 from the arguments as passed.
+"""
+
+import torch
+
+
+def select_unmask(
+    score: torch.Tensor,
+    eligible: torch.Tensor,
+    *,
+    policy: str = "topk",
+    k: torch.Tensor | None = None,
+    threshold: float = 0.9,
+    inclusive: bool = False,
+    factor: float = 1.0,
+    min_per_row: int = 1,
+    token: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, length = score.shape
+    device = score.device
+    s = score.double()
+    selectable = eligible & ~torch.isnan(s) & (s != -torch.inf)
+
+    # Stable descending order: unselectable positions last, then by score, ties by position.
+    key = torch.where(selectable, s, -torch.inf)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ranked = key.gather(-1, order)  # c_1 >= c_2 >= ... per row
+    n_selectable = selectable.sum(-1)
+    rank = torch.arange(1, length + 1, device=device).expand(n_rows, length)
+    in_range = rank <= n_selectable[:, None]
+
+    passes = (ranked >= threshold) if inclusive else (ranked > threshold)
+    n_pass = (passes & in_range).sum(-1)
+    k_row = torch.zeros(n_rows, dtype=torch.int64, device=device) if k is None else k.long().clamp_min(0)
+    top_k = torch.minimum(k_row, n_selectable)
+    if policy == "topk":
+        n = top_k
+    elif policy == "threshold":
+        n = n_pass
+    elif policy == "factor":
+        ok = (ranked >= 1.0 - factor / (rank + 1.0)) | (rank == 1)
+        n = (torch.cumprod((ok & in_range).long(), -1)).sum(-1)
+    elif policy == "topk_or_threshold":
+        n = torch.where(n_pass >= k_row, n_pass, top_k)
+    elif policy == "all":
+        n = n_selectable
+    else:
+        raise ValueError(f"dllm::select_unmask: unknown policy {policy!r}")
+    n = torch.maximum(n, torch.clamp(n_selectable, max=min_per_row))
+
+    selected = torch.zeros(n_rows, length, dtype=torch.bool, device=device)
+    selected.scatter_(-1, order, rank <= n[:, None])
+    if x is not None:
+        x.copy_(torch.where(selected, token, x))
+    return selected, n.to(torch.int32)

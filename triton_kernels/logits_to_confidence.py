@@ -1,0 +1,357 @@
+"""logits_to_confidence in Triton (SPEC.md section 1); the math mirrors csrc/common/logits_to_confidence.h.
+
+One program scans one vocabulary chunk of one row in tiles of BLOCK_V, keeping the row state of the
+C++ kernels: the largest raw logit (first index) and the runner-up, z = sum 2^(l*c - lmax*c) and
+s1 = sum 2^t * t (per lane, against the running maximum), and for sampling the largest Gumbel key
+l/T + g per lane (its first index and logit). With one chunk per row the program writes (token, score)
+itself; with several, each writes its partial state to a workspace and ``_merge_kernel`` merges the
+states of a row in chunk order. Chunking depends on metadata only (rows, V, SM count).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+# Tile sizes: 4096 elements over 8 warps need ~64 registers a thread on sm_90, so ~4 programs (32 KiB of
+# bf16 loads) are in flight per SM; sampling keeps 3 more values per lane and is bound by Philox
+# arithmetic, so it takes 2048 to keep 2 programs per SM.
+_MAX_BLOCK_V, _MAX_BLOCK_V_SAMPLE = 4096, 2048
+_PROGRAMS_PER_SM = 4  # enough tiles in flight per SM to cover memory latency
+_INTERPRETER_SMS = 132  # notional GPU size for the interpreter on CPU tensors
+
+
+@triton.jit
+def _uniform(seed, col, row, off_lo, off_hi):
+    """counter_rng.uniform: word 0 of Philox4x32-10 at counter (col, row, off_lo, off_hi), all int32."""
+    x, _, _, _ = tl.philox(seed, col, row, off_lo, off_hi)
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _rescale(z, s1, m_old, m_new):
+    """(z, s1) summed against exponent base m_old, re-expressed against m_new >= m_old."""
+    d = tl.where(m_old == float("-inf"), 0.0, m_old - m_new)  # nothing summed yet: stay 0, not NaN
+    w = tl.exp2(d)
+    return z * w, w * (s1 + d * z)
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 for x <= 0 without cancellation: Taylor terms to x^6 for |x| < 1/4 (rel. err < 5e-8)."""
+    s = tl.maximum(x, -0.25)
+    p = s * (1.0 + s * (0.5 + s * (1 / 6 + s * (1 / 24 + s * (1 / 120 + s / 720)))))
+    return tl.where(x > -0.25, p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _finalize(
+    token_ptr,
+    score_ptr,
+    row,
+    lmax,
+    l2,
+    z,
+    s1,
+    kl,
+    lidx,
+    kidx,
+    c,
+    seed,
+    off_lo,
+    off_hi,
+    V,
+    SCORE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+):
+    """finalize_state: the (token, score) of a row from its whole-row state. A NaN read makes z NaN
+    (its term is NaN and no rescale undoes it), so z stands in for the state's nan flag."""
+    if SCORE == "prob":
+        value = tl.exp2((kl - lmax) * c) / z if SAMPLE else 1.0 / z
+    elif SCORE == "margin":
+        value = -_expm1((l2 - lmax) * c * _LN2) / z
+    elif SCORE == "neg_entropy":
+        value = _LN2 * s1 / z - tl.log(z)
+    elif SCORE == "logit_margin":
+        value = lmax - l2
+    else:
+        value = _uniform(seed, V, row, off_lo, off_hi)
+    token = kidx if SAMPLE else lidx
+    undefined = (z != z) | (lmax == float("inf"))
+    empty = lidx < 0
+    tl.store(token_ptr + row, tl.where(undefined | empty, -1, token).to(tl.int64))
+    tl.store(score_ptr + row, tl.where(undefined, float("nan"), tl.where(empty, float("-inf"), value)))
+
+
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
+def _scan_kernel(
+    x_ptr,
+    eligible_ptr,
+    banned_ptr,
+    token_ptr,
+    score_ptr,
+    ws_f,
+    ws_i,
+    n_inner,
+    stride_o,
+    stride_i,
+    V,
+    chunk,
+    n_banned,
+    c,
+    inv_t,
+    seed,
+    off_lo,
+    off_hi,
+    SCORE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, V)
+    if eligible_ptr is not None:
+        # An ineligible row reads nothing; its empty state finalizes to (-1, -inf).
+        hi = tl.where(tl.load(eligible_ptr + row) != 0, hi, lo)
+    row_ptr = x_ptr + (row // n_inner).to(tl.int64) * stride_o + (row % n_inner).to(tl.int64) * stride_i
+
+    offs = tl.arange(0, BLOCK_V)
+    lmax = tl.full((), float("-inf"), tl.float32)
+    l2 = tl.full((), float("-inf"), tl.float32)
+    lidx = tl.full((), -1, tl.int32)
+    z = tl.zeros([BLOCK_V], tl.float32)
+    s1 = tl.zeros([BLOCK_V], tl.float32)
+    kmax = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    kl = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    kidx = tl.full([BLOCK_V], -1, tl.int32)
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + offs
+        # fp32 at once: every later step (and the interpreter's arithmetic) works in fp32.
+        x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
+        if banned_ptr is not None:
+            for k in range(n_banned):
+                ban = tl.load(banned_ptr + k)
+                ban = tl.where((ban >= 0) & (ban < V), ban, -1).to(tl.int32)  # 32-bit compare below
+                x = tl.where(cols == ban, float("-inf"), x)
+        tile_max = tl.max(x, 0)
+        if tile_max > lmax:  # the row's maximum moves into this tile (rare after the first tiles)
+            first = tl.min(tl.where(x == tile_max, cols, hi), 0)
+            if SCORE == "margin" or SCORE == "logit_margin":
+                l2 = tl.maximum(lmax, tl.max(tl.where(cols == first, float("-inf"), x), 0))
+            z, s1 = _rescale(z, s1, lmax * c, tile_max * c)
+            lmax = tile_max
+            lidx = first
+        else:
+            l2 = tl.maximum(l2, tile_max)
+        m = lmax * c
+        t = x * c - tl.where(m == float("-inf"), 0.0, m)  # only -inf so far: every term is 0
+        e = tl.exp2(t)
+        z += e
+        if SCORE == "neg_entropy":
+            s1 += e * tl.maximum(t, -1024.0)  # 2^-1024 is 0 in fp32; the clamp avoids 0 * -inf = NaN
+        if SAMPLE:
+            key = x * inv_t - tl.log(-tl.log(_uniform(seed, cols, row, off_lo, off_hi)))
+            better = key > kmax  # strict: each lane keeps its first maximum
+            kmax = tl.where(better, key, kmax)
+            kl = tl.where(better, x, kl)
+            kidx = tl.where(better, cols, kidx)
+
+    z = tl.sum(z, 0)
+    s1 = tl.sum(s1, 0)
+    key_max = tl.max(kmax, 0)
+    key_idx = tl.min(tl.where(kmax == key_max, kidx, V), 0)
+    key_logit = tl.max(tl.where(kidx == key_idx, kl, float("-inf")), 0)
+    if SPLIT:
+        n = tl.num_programs(0) * tl.num_programs(1)
+        item = row * tl.num_programs(1) + split
+        tl.store(ws_f + item, lmax)
+        tl.store(ws_f + n + item, l2)
+        tl.store(ws_f + 2 * n + item, z)
+        tl.store(ws_f + 3 * n + item, s1)
+        tl.store(ws_f + 4 * n + item, key_max)
+        tl.store(ws_f + 5 * n + item, key_logit)
+        tl.store(ws_i + item, lidx)
+        tl.store(ws_i + n + item, key_idx)
+    else:
+        _finalize(
+            token_ptr,
+            score_ptr,
+            row,
+            lmax,
+            l2,
+            z,
+            s1,
+            key_logit,
+            lidx,
+            key_idx,
+            c,
+            seed,
+            off_lo,
+            off_hi,
+            V,
+            SCORE,
+            SAMPLE,
+        )
+
+
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
+def _merge_kernel(
+    ws_f,
+    ws_i,
+    token_ptr,
+    score_ptr,
+    splits,
+    V,
+    c,
+    seed,
+    off_lo,
+    off_hi,
+    SCORE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """merge_states over a row's chunks in order (ties keep the earlier chunk), then finalize."""
+    row = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ok = s < splits
+    n = tl.num_programs(0) * splits
+    item = row * splits + s
+    lmax_s = tl.load(ws_f + item, mask=ok, other=float("-inf"))
+    l2_s = tl.load(ws_f + n + item, mask=ok, other=float("-inf"))
+    z_s = tl.load(ws_f + 2 * n + item, mask=ok, other=0.0)
+    s1_s = tl.load(ws_f + 3 * n + item, mask=ok, other=0.0)
+    kmax_s = tl.load(ws_f + 4 * n + item, mask=ok, other=float("-inf"))
+    kl_s = tl.load(ws_f + 5 * n + item, mask=ok, other=float("-inf"))
+    lidx_s = tl.load(ws_i + item, mask=ok, other=-1)
+    kidx_s = tl.load(ws_i + n + item, mask=ok, other=-1)
+
+    lmax = tl.max(lmax_s, 0)
+    at = tl.min(tl.where(lmax_s == lmax, s, BLOCK_S), 0)
+    lidx = tl.max(tl.where(s == at, lidx_s, -1), 0)
+    # Runner-up of the union: every chunk's runner-up and every chunk maximum but the winning one.
+    l2 = tl.maximum(tl.max(l2_s, 0), tl.max(tl.where(s == at, float("-inf"), lmax_s), 0))
+    z_s, s1_s = _rescale(z_s, s1_s, lmax_s * c, lmax * c)
+    key_max = tl.max(kmax_s, 0)
+    key_at = tl.min(tl.where(kmax_s == key_max, s, BLOCK_S), 0)
+    kidx = tl.max(tl.where(s == key_at, kidx_s, -1), 0)
+    kl = tl.max(tl.where(s == key_at, kl_s, float("-inf")), 0)
+    _finalize(
+        token_ptr,
+        score_ptr,
+        row,
+        lmax,
+        l2,
+        tl.sum(z_s, 0),
+        tl.sum(s1_s, 0),
+        kl,
+        lidx,
+        kidx,
+        c,
+        seed,
+        off_lo,
+        off_hi,
+        V,
+        SCORE,
+        SAMPLE,
+    )
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _plan(n_rows: int, vocab: int, max_block: int, device: torch.device, num_splits: int | None):
+    """(splits, chunk, BLOCK_V) from metadata only."""
+    block_v = min(max_block, triton.next_power_of_2(vocab))
+    if num_splits is None:
+        # Split the vocabulary only as far as needed to give every SM a few programs.
+        tiles = triton.cdiv(vocab, block_v)
+        splits = min(tiles, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n_rows))
+        chunk = triton.cdiv(tiles, splits) * block_v  # whole tiles: every chunk starts aligned
+        return triton.cdiv(vocab, chunk), chunk, block_v
+    chunk = triton.cdiv(vocab, num_splits)
+    return num_splits, chunk, min(block_v, triton.next_power_of_2(chunk))
+
+
+def _int32(value: int) -> int:
+    """The low 32 bits of a Python int as a signed int32 (Philox counter words are passed as int32)."""
+    return (value + 2**31) % 2**32 - 2**31
+
+
+def logits_to_confidence(
+    rows, eligible, banned, temperature, score, tempered_score, seed, offset, *, num_splits=None
+):
+    """Triton provider of ``dllm::logits_to_confidence`` on an ``[O, I, V]`` rows view (any strides on
+    O and I, unit stride on V); ``num_splits`` forces the number of vocabulary chunks per row."""
+    n_outer, n_inner, vocab = rows.shape
+    n_rows = n_outer * n_inner
+    token = torch.empty((n_outer, n_inner), dtype=torch.int64, device=rows.device)
+    value = torch.empty((n_outer, n_inner), dtype=torch.float32, device=rows.device)
+    if n_rows == 0:
+        return token, value
+
+    sample = temperature > 0
+    c = _LOG2E / temperature if sample and tempered_score and score != "logit_margin" else _LOG2E
+    inv_t = 1.0 / temperature if sample else 0.0
+    seed = (seed + 2**63) % 2**64 - 2**63  # the int64 two's complement pattern
+    off_lo, off_hi = _int32(offset), _int32(offset >> 32)
+    if eligible is not None:
+        eligible = eligible.contiguous().view(torch.uint8)
+    max_block = _MAX_BLOCK_V_SAMPLE if sample else _MAX_BLOCK_V
+    splits, chunk, block_v = _plan(n_rows, vocab, max_block, rows.device, num_splits)
+    ws_f = ws_i = None
+    if splits > 1:
+        ws_f = torch.empty((6, n_rows * splits), dtype=torch.float32, device=rows.device)
+        ws_i = torch.empty((2, n_rows * splits), dtype=torch.int32, device=rows.device)
+
+    _scan_kernel[(n_rows, splits)](
+        rows,
+        eligible,
+        banned,
+        token,
+        value,
+        ws_f,
+        ws_i,
+        n_inner,
+        rows.stride(0),
+        rows.stride(1),
+        vocab,
+        chunk,
+        0 if banned is None else banned.numel(),
+        c,
+        inv_t,
+        seed,
+        off_lo,
+        off_hi,
+        SCORE=score,
+        SAMPLE=sample,
+        SPLIT=splits > 1,
+        BLOCK_V=block_v,
+        num_warps=max(1, min(8, block_v // 256)),
+    )
+    if splits > 1:
+        _merge_kernel[(n_rows,)](
+            ws_f,
+            ws_i,
+            token,
+            value,
+            splits,
+            vocab,
+            c,
+            seed,
+            off_lo,
+            off_hi,
+            SCORE=score,
+            SAMPLE=sample,
+            BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=1,
+        )
+    return token, value
