@@ -5,7 +5,7 @@
 #include "torch/bindings.h"
 
 #ifdef DLLM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #endif
@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor> logits_to_confidence_cuda(const Tensor& rows, const s
   const size_t bytes = dllm_logits_to_confidence_cuda_workspace(&launch.params);
   const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, rows.options().dtype(at::kByte));
   const int err = dllm_logits_to_confidence_cuda(&launch.params, bytes ? workspace.data_ptr() : nullptr,
-                                                 at::cuda::getCurrentCUDAStream());
+                                                 c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == 0, "dllm::logits_to_confidence: CUDA launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return {launch.token, launch.score};

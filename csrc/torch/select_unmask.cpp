@@ -5,7 +5,7 @@
 #include "torch/bindings.h"
 
 #ifdef DLLM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #endif
