@@ -161,3 +161,17 @@ def _cpu(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, 
     return _extension._C.select_unmask_cpu(
         score, eligible, POLICIES.index(policy), k, threshold, inclusive, factor, min_per_row, token, x
     )
+
+
+@dispatcher.register("cuda")
+def _cuda(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+    return _extension._C.select_unmask_cuda(
+        score, eligible, POLICIES.index(policy), k, threshold, inclusive, factor, min_per_row, token, x
+    )
+
+
+@dispatcher.register("triton")
+def _triton(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+    from ..triton_kernels.select_unmask import select_unmask as launch
+
+    return launch(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)

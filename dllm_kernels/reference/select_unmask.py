@@ -54,7 +54,7 @@ def select_unmask(
     elif policy == "threshold":
         n = n_pass
     elif policy == "factor":
-        ok = (ranked >= 1.0 - factor / (rank + 1.0)) | (rank == 1)
+        ok = (ranked >= 1.0 - factor / (rank.double() + 1.0)) | (rank == 1)  # bound in fp64
         n = (torch.cumprod((ok & in_range).long(), -1)).sum(-1)
     elif policy == "topk_or_threshold":
         n = torch.where(n_pass >= k_row, n_pass, top_k)

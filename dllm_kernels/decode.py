@@ -1,0 +1,209 @@
+"""One decode step of each framework in one call: logits -> (token, score) -> selection -> commit.
+
+``decode_step(logits, x, eligible, recipe=..., **options)`` runs ``logits_to_confidence`` then
+``select_unmask`` with the fused commit, and returns ``(x, selected, count)``; ``x`` is updated in place.
+``eligible`` marks the positions the framework may unmask this step (still masked and inside the
+active block / sub-block); schedules come from ``dllm_kernels.schedules``. Every row of a batch gets
+the answer it would get alone (the frameworks' own loops are B = 1, or share one count per batch).
+Nothing syncs with the host, so a step can be captured in a CUDA graph.
+
+Where a framework samples (temperature > 0) the tokens follow the same distribution but come from
+this library's counter-based generator (``seed``, ``offset``), not from ``torch.rand``.
+"""
+
+import torch
+
+from .ops.logits_to_confidence import logits_to_confidence
+from .ops.select_unmask import select_unmask
+
+
+def _step(
+    logits,
+    x,
+    eligible,
+    *,
+    shift=False,
+    temperature=0.0,
+    score="prob",
+    tempered_score=False,
+    banned=None,
+    seed=0,
+    offset=0,
+    **selection,
+):
+    if shift:  # position j is predicted by the logits of position j - 1 (Dream, Fast-dLLM v2)
+        logits, x_view, eligible = logits[:, :-1], x[:, 1:], eligible[:, 1:]
+    else:
+        x_view = x
+    token, confidence = logits_to_confidence(
+        logits,
+        eligible,
+        temperature=temperature,
+        score=score,
+        tempered_score=tempered_score,
+        banned=banned,
+        seed=seed,
+        offset=offset,
+    )
+    selected, count = select_unmask(confidence, eligible, token=token, x=x_view, **selection)
+    if shift:
+        selected = torch.nn.functional.pad(selected, (1, 0))
+    return x, selected, count
+
+
+def llada(logits, x, eligible, *, k, remasking="low_confidence", temperature=0.0, **options):
+    """LLaDA ``generate.py``: Gumbel-max token at ``temperature``, confidence ``softmax(l)[token]``
+    (``remasking="low_confidence"``) or uniform noise (``"random"``); unmask the ``k[b]`` most confident
+    (``k`` from ``schedules.llada_transfer_counts``)."""
+    score = {"low_confidence": "prob", "random": "random"}[remasking]
+    return _step(
+        logits,
+        x,
+        eligible,
+        temperature=temperature,
+        score=score,
+        policy="topk",
+        k=k,
+        min_per_row=0,
+        **options,
+    )
+
+
+def fast_dllm(logits, x, eligible, *, threshold=0.9, factor=None, temperature=0.0, **options):
+    """Fast-dLLM v1 (``llada/generate.py``): LLaDA's token and fp64 ``softmax(l)[token]``; unmask every
+    position with ``confidence >= threshold`` and always the best one, or, with ``factor``, the
+    ``c_i >= 1 - factor / (i + 1)`` prefix. (Fast-dLLM's factor loop also commits the last rank when
+    that is the first to fail; this follows the rule as written.)"""
+    if factor is None:
+        selection = dict(policy="threshold", threshold=threshold, inclusive=True)
+    else:
+        selection = dict(policy="factor", factor=factor)
+    return _step(logits, x, eligible, temperature=temperature, min_per_row=1, **selection, **options)
+
+
+def fast_dllm_v2(logits, x, eligible, *, threshold=0.9, temperature=0.0, **options):
+    """Fast-dLLM v2: logits shifted by one; ``p = softmax(l / T)``; unmask ``p[token] > threshold`` inside
+    the sub-block (``eligible``), always the best one. Every row is sampled (v2 samples only row 0)."""
+    return _step(
+        logits,
+        x,
+        eligible,
+        shift=True,
+        temperature=temperature,
+        tempered_score=True,
+        policy="threshold",
+        threshold=threshold,
+        inclusive=False,
+        min_per_row=1,
+        **options,
+    )
+
+
+def dream(logits, x, eligible, *, k, alg="maskgit_plus", temperature=0.0, **options):
+    """Dream ``_sample`` with ``alg_temp=None`` and no top-p / top-k: logits shifted by one,
+    ``p = softmax(l / T)``, confidence ``p[token]`` ("maskgit_plus"), ``p_top1 - p_top2``
+    ("topk_margin") or ``sum p log p`` ("entropy"); unmask the ``k[b]`` most confident
+    (``k`` from ``schedules.dream_transfer_count``, per row)."""
+    score = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}[alg]
+    return _step(
+        logits,
+        x,
+        eligible,
+        shift=True,
+        temperature=temperature,
+        score=score,
+        tempered_score=True,
+        policy="topk",
+        k=k,
+        min_per_row=0,
+        **options,
+    )
+
+
+def sdar(logits, x, eligible, *, k, threshold=0.85, temperature=1.0, **options):
+    """SDAR ``low_confidence_dynamic``: ``p = softmax(l / T)``, sampled token; if at least ``k[b]``
+    positions have ``p[token] > threshold`` unmask all of them, else the top ``k[b]``."""
+    return _step(
+        logits,
+        x,
+        eligible,
+        temperature=temperature,
+        tempered_score=True,
+        policy="topk_or_threshold",
+        k=k,
+        threshold=threshold,
+        inclusive=False,
+        min_per_row=0,
+        **options,
+    )
+
+
+def dparallel(logits, x, eligible, *, threshold=0.5, temperature=0.0, **options):
+    """dParallel (LLaDA version): unmask every position whose entropy of ``softmax(l)`` is
+    ``<= threshold``, and always the lowest-entropy one."""
+    return _step(
+        logits,
+        x,
+        eligible,
+        temperature=temperature,
+        score="neg_entropy",
+        policy="threshold",
+        threshold=-threshold,
+        inclusive=True,
+        min_per_row=1,
+        **options,
+    )
+
+
+def prophet(
+    logits,
+    x,
+    eligible,
+    *,
+    k,
+    mask_id,
+    gap_threshold,
+    answer_start=0,
+    gap_positions=5,
+    temperature=0.0,
+    **options,
+):
+    """Prophet: the mean raw top-1 / top-2 logit gap over ``gap_positions`` positions from
+    ``answer_start``; a row whose gap reaches ``gap_threshold`` (7.5 / 5.0 / 2.5 by progress in the
+    paper) commits every masked position at once, the others take a LLaDA step of ``k[b]``. The decision
+    is per row and stays on the device."""
+    window = logits[:, answer_start : answer_start + gap_positions]
+    gap = logits_to_confidence(window, score="logit_margin")[1].mean(-1)
+    commit_all = gap >= gap_threshold
+    masked = x == mask_id
+    every = torch.full_like(k, x.shape[1])
+    return _step(
+        logits,
+        x,
+        torch.where(commit_all[:, None], masked, eligible),
+        temperature=temperature,
+        policy="topk",
+        k=torch.where(commit_all, every, k),
+        min_per_row=0,
+        **options,
+    )
+
+
+RECIPES = {
+    "llada": llada,
+    "fast_dllm": fast_dllm,
+    "fast_dllm_v2": fast_dllm_v2,
+    "dream": dream,
+    "sdar": sdar,
+    "dparallel": dparallel,
+    "prophet": prophet,
+}
+
+
+def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *, recipe: str, **options):
+    """One decode step of ``recipe`` (one of ``RECIPES``): returns ``(x, selected, count)``, ``x`` updated
+    in place. ``options`` are the recipe's keyword arguments (see each recipe's docstring) plus
+    ``banned``, ``seed`` and ``offset`` for ``logits_to_confidence``."""
+    if recipe not in RECIPES:
+        raise ValueError(f"dllm::decode_step: recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+    return RECIPES[recipe](logits, x, eligible, **options)
