@@ -70,12 +70,16 @@ def _compute_status() -> dict[str, BackendStatus]:
 _STATUS: dict[str, BackendStatus] | None = None
 
 
-def available_backends() -> dict[str, BackendStatus]:
-    """What this install can run, and why not the rest: ``{backend: BackendStatus}``."""
+def _status() -> dict[str, BackendStatus]:
     global _STATUS
     if _STATUS is None:
         _STATUS = _compute_status()
-    return dict(_STATUS)
+    return _STATUS
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """What this install can run, and why not the rest: ``{backend: BackendStatus}``."""
+    return dict(_status())
 
 
 def _check_name(name: str) -> str:
@@ -139,7 +143,7 @@ class Dispatcher:
         provider = self.providers.get(backend)
         if provider is None:
             return f"{self.op} has no {backend} implementation"
-        status = available_backends()[backend]
+        status = _status()[backend]
         if not status.available:
             return status.reason
         return _device_supported(backend, device, explicit) or provider.supports(*args, **kwargs)

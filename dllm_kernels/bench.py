@@ -38,6 +38,7 @@ class Case:
     baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
     baseline_bytes: dict[str, int] = field(default_factory=dict)  # where a baseline moves other bytes
     flops: int | None = None
+    cuda_graph: bool = False  # on CUDA, time the backends as a replay of one captured call
 
 
 @dataclass
@@ -83,6 +84,19 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_seconds: float, 
     return statistics.median(samples)
 
 
+def as_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """fn captured once in a CUDA graph; the returned callable replays it (no Python, one launch)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture: compiles, allocates
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def discover(ops: list[str] | None) -> dict[str, object]:
     if not BENCH_DIR.is_dir():
         sys.exit(f"dllm_kernels.bench: no {BENCH_DIR} (run from a source checkout)")
@@ -115,7 +129,8 @@ def measure(
         with _backends.use_backend(backend):
             case.check(case.run())
             progress(f"{case.op} {case.label}: time {backend}")
-            results.append(result(backend, "backend", time_ms(case.run, device, min_seconds)))
+            run = as_graph(case.run, device) if case.cuda_graph and device.type == "cuda" else case.run
+            results.append(result(backend, "backend", time_ms(run, device, min_seconds)))
     for name, fn in case.baselines.items():
         progress(f"{case.op} {case.label}: time baseline {name}")
         results.append(result(name, "baseline", time_ms(fn, device, min_seconds)))
@@ -224,19 +239,26 @@ def main(argv: list[str] | None = None) -> int:
     print(title)
     print(format_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{slug}.json"
+    run = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+    }
+    # One file per device: a run of some ops replaces their entries and keeps the others'.
+    report = json.loads(json_path.read_text()) if json_path.exists() else {}
+    ran = {r.op for r in results}
+    kept = [r for r in report.get("results", []) if r["op"] not in ran]
     report = {
         "device": args.device,
         "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "results": [r.__dict__ for r in results],
+        "runs": {**report.get("runs", {}), **dict.fromkeys(sorted(ran), run)},
+        "results": kept + [r.__dict__ for r in results],
     }
-    json_path = args.out / f"{slug}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    why_no_plot = plot(results, args.out / f"{slug}.png", title)
+    why_no_plot = plot([Result(**r) for r in report["results"]], args.out / f"{slug}.png", title)
     print(f"wrote {json_path}" + (f" (no plot: {why_no_plot})" if why_no_plot else f" and {slug}.png"))
     return 0
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .. import _extension
+from .. import _extension, _registry
 from .._backends import Dispatcher
 from ..reference import logits_to_confidence as reference
 from ._common import FLOAT_DTYPES, OpError, rows_view
@@ -104,7 +104,6 @@ def _fake(
     return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.register_kernel(f"dllm::{OP}", None)
 def _impl(
     logits,
     eligible=None,
@@ -123,6 +122,10 @@ def _impl(
     token, value = provider.run(rows, rows_eligible, temperature, score, tempered_score, banned, seed, offset)
     shape = logits.shape[:-1]
     return token.view(shape), value.view(shape)
+
+
+# CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
+_registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
 
 
 @dispatcher.register("reference")

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .. import _extension
+from .. import _extension, _registry
 from .._backends import Dispatcher
 from ..reference import select_unmask as reference
 from ._common import OpError
@@ -76,6 +76,8 @@ def check_args(score, eligible, policy, k, threshold, factor, min_per_row, token
         got = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
         _err(f"score must be a [B, L] tensor; got {got}")
     _matrix("score", score, (torch.float32,), score.shape, "score", score)
+    if score.shape[1] >= 2**31:
+        _err(f"score rows must hold fewer than 2^31 positions; got L = {score.shape[1]}")
     _matrix("eligible", eligible, (torch.bool,), score.shape, "score", score)
     if policy not in POLICIES:
         _err(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}", ValueError)
@@ -121,7 +123,6 @@ def _fake(
     return score.new_empty(score.shape, dtype=torch.bool), score.new_empty(score.shape[:1], dtype=torch.int32)
 
 
-@torch.library.register_kernel(f"dllm::{OP}", None)
 def _impl(
     score,
     eligible,
@@ -138,6 +139,10 @@ def _impl(
     check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x)
     provider = dispatcher.select(score.device, score)
     return provider.run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+
+
+# CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
+_registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
 
 
 @dispatcher.register("reference")
