@@ -13,6 +13,7 @@ from helpers import KERNEL_BACKENDS
 import dllm_kernels
 from dllm_kernels import schedules, use_backend
 from dllm_kernels.ops import logits_to_confidence, select_unmask
+from dllm_kernels.ops._common import rows_view
 
 B, L, V, MASK = 4, 48, 61, 61  # the mask id is outside the vocabulary: never predicted
 NEG_INF = float("-inf")
@@ -30,8 +31,8 @@ def problem(block=(16, 32)):
 
 
 def run(backend, logits, x, eligible, **options):
-    for op in (logits_to_confidence, select_unmask):
-        reason = op.dispatcher.why_not(backend, logits.device, None, explicit=True)
+    for op, arg in ((logits_to_confidence, rows_view(logits)), (select_unmask, x.float())):
+        reason = op.dispatcher.why_not(backend, logits.device, arg, explicit=True)
         if reason is not None:
             pytest.skip(reason)
     with use_backend(backend):

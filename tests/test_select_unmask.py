@@ -8,6 +8,7 @@ from helpers import DEVICES, KERNEL_BACKENDS
 
 import dllm_kernels
 from dllm_kernels import schedules, use_backend
+from dllm_kernels.ops._common import rows_view
 from dllm_kernels.ops.select_unmask import POLICIES, dispatcher
 from dllm_kernels.reference.select_unmask import select_unmask as reference
 
@@ -204,8 +205,8 @@ def test_cuda_graph_decode_step(backend):
     x = torch.full((64, 256), 7, device=device)
     eligible = torch.zeros(64, 256, dtype=torch.bool, device=device)
     eligible[:, 96:128] = True
-    for op in ("logits_to_confidence", "select_unmask"):
-        if getattr(dllm_kernels.ops, op).dispatcher.why_not(backend, device, None, explicit=True) is not None:
+    for op, arg in (("logits_to_confidence", rows_view(logits)), ("select_unmask", x.float())):
+        if getattr(dllm_kernels.ops, op).dispatcher.why_not(backend, device, arg, explicit=True) is not None:
             pytest.skip(f"{backend} cannot run {op} here")
     kwargs = dict(recipe="fast_dllm", threshold=0.5)
     with use_backend(backend):

@@ -175,7 +175,12 @@ def _cuda(score, eligible, policy, k, threshold, inclusive, factor, min_per_row,
     )
 
 
-@dispatcher.register("triton")
+def _triton_supports(score, *args, **kwargs):
+    # One program sorts a whole row in registers: beyond this it spills (rows are a few thousand).
+    return None if score.shape[1] <= 8192 else f"rows longer than 8192 positions (got L = {score.shape[1]})"
+
+
+@dispatcher.register("triton", supports=_triton_supports)
 def _triton(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
     from ..triton_kernels.select_unmask import select_unmask as launch
 
