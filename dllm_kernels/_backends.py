@@ -104,16 +104,16 @@ def use_backend(name: str | None):
         _forced.reset(token)
 
 
-def _device_supported(backend: str, device: torch.device, explicit: bool) -> str | None:
+def _device_supported(backend: str, device_type: str, explicit: bool) -> str | None:
     if backend == "reference":
         return None
     if backend == "cpu":
-        return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, got {device.type}"
-    if device.type == "cuda":
+        return None if device_type == "cpu" else f"the cpu backend runs CPU tensors, got {device_type}"
+    if device_type == "cuda":
         return None
-    if backend == "triton" and device.type == "cpu" and TRITON_INTERPRET:
+    if backend == "triton" and device_type == "cpu" and TRITON_INTERPRET:
         return None if explicit else "triton on CPU tensors runs only when requested by name"
-    return f"the {backend} backend runs CUDA tensors, got {device.type}"
+    return f"the {backend} backend runs CUDA tensors, got {device_type}"
 
 
 @dataclass(frozen=True)
@@ -130,36 +130,47 @@ class Dispatcher:
     def __init__(self, op: str):
         self.op = op
         self.providers: dict[str, Provider] = {}
+        self._candidates: dict[tuple[str, str | None], list[Provider]] = {}
 
     def register(self, backend: str, supports: Callable[..., str | None] = lambda *a, **k: None):
         def decorate(run):
             self.providers[_check_name(backend)] = Provider(backend, run, supports)
+            self._candidates.clear()
             return run
 
         return decorate
 
-    def why_not(self, backend: str, device: torch.device, *args, explicit: bool = False, **kwargs):
-        """None if ``backend`` can run this call, else the reason it cannot."""
-        provider = self.providers.get(backend)
-        if provider is None:
+    def _static_reason(self, backend: str, device_type: str, explicit: bool) -> str | None:
+        """Why backend can never run this op on this device type (None if it may)."""
+        if backend not in self.providers:
             return f"{self.op} has no {backend} implementation"
         status = _status()[backend]
         if not status.available:
             return status.reason
-        return _device_supported(backend, device, explicit) or provider.supports(*args, **kwargs)
+        return _device_supported(backend, device_type, explicit)
+
+    def why_not(self, backend: str, device: torch.device, *args, explicit: bool = False, **kwargs):
+        """None if ``backend`` can run this call, else the reason it cannot."""
+        reason = self._static_reason(backend, device.type, explicit)
+        return reason or self.providers[backend].supports(*args, **kwargs)
 
     def select(self, device: torch.device, *args, **kwargs) -> Provider:
         forced = _forced.get()
+        key = (device.type, forced)
+        candidates = self._candidates.get(key)
+        if candidates is None:  # what install and device type allow never changes: work it out once
+            names = BACKENDS if forced is None else (forced,)
+            explicit = forced is not None
+            candidates = [
+                self.providers[b] for b in names if self._static_reason(b, device.type, explicit) is None
+            ]
+            self._candidates[key] = candidates
+        for provider in candidates:
+            if provider.supports(*args, **kwargs) is None:
+                return provider
         if forced is not None:
             reason = self.why_not(forced, device, *args, explicit=True, **kwargs)
-            if reason is not None:
-                raise RuntimeError(
-                    f"dllm::{self.op}: backend {forced!r} was requested but cannot run: {reason}"
-                )
-            return self.providers[forced]
-        for backend in BACKENDS:
-            if self.why_not(backend, device, *args, **kwargs) is None:
-                return self.providers[backend]
+            raise RuntimeError(f"dllm::{self.op}: backend {forced!r} was requested but cannot run: {reason}")
         raise RuntimeError(f"dllm::{self.op}: no backend can run on {device}")  # reference runs anywhere
 
     def backends_for(self, device: torch.device, *args, **kwargs) -> list[str]:
