@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", (args.device if device.type == "cpu" else name).lower()).strip("-")
     title = f"dllm-kernels on {name} ({args.device}), torch {torch.__version__}"
     print(title)
-    print(format_table(results))
+    for op in dict.fromkeys(r.op for r in results):  # one table per op: each has its own baselines
+        print()
+        print(format_table([r for r in results if r.op == op]))
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{slug}.json"
     run = {
