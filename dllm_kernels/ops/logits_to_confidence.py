@@ -62,7 +62,18 @@ def logits_to_confidence(
     )
 
 
-def check_args(logits, eligible, temperature, score, banned):
+def checked_args(
+    logits,
+    eligible=None,
+    *,
+    temperature=0.0,
+    score="prob",
+    tempered_score=False,
+    banned=None,
+    seed=0,
+    offset=0,
+):
+    """The schema's arguments, checked, in schema order (the fake kernel and _impl take them as given)."""
     if not isinstance(logits, torch.Tensor):
         _err(f"logits must be a Tensor; got {type(logits).__name__}", TypeError)
     _err.dtype("logits", logits, FLOAT_DTYPES)
@@ -85,41 +96,21 @@ def check_args(logits, eligible, temperature, score, banned):
         _err(f"score must be one of {', '.join(SCORES)}; got {score!r}", ValueError)
     if not (math.isfinite(temperature) and temperature >= 0):
         _err(f"temperature must be finite and >= 0; got {temperature}", ValueError)
+    return logits, eligible, temperature, score, tempered_score, banned, seed, offset
 
 
 @torch.library.register_fake(f"dllm::{OP}")
-def _fake(
-    logits,
-    eligible=None,
-    *,
-    temperature=0.0,
-    score="prob",
-    tempered_score=False,
-    banned=None,
-    seed=0,
-    offset=0,
-):
-    check_args(logits, eligible, temperature, score, banned)
+def _fake(*args, **kwargs):
+    logits = checked_args(*args, **kwargs)[0]
     shape = logits.shape[:-1]
     return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
 
 
-def _impl(
-    logits,
-    eligible=None,
-    *,
-    temperature=0.0,
-    score="prob",
-    tempered_score=False,
-    banned=None,
-    seed=0,
-    offset=0,
-):
-    check_args(logits, eligible, temperature, score, banned)
+def _impl(*args, **kwargs):
+    logits, eligible, *options = checked_args(*args, **kwargs)
     rows = rows_view(logits)
     rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
-    provider = dispatcher.select(logits.device, rows)
-    token, value = provider.run(rows, rows_eligible, temperature, score, tempered_score, banned, seed, offset)
+    token, value = dispatcher.select(logits.device, rows).run(rows, rows_eligible, *options)
     shape = logits.shape[:-1]
     return token.view(shape), value.view(shape)
 
@@ -142,18 +133,16 @@ def _reference(rows, eligible, temperature, score, tempered_score, banned, seed,
     )
 
 
-@dispatcher.register("cpu")
-def _cpu(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
-    return _extension._C.logits_to_confidence_cpu(
-        rows, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset
-    )
+def _compiled(backend):
+    def run(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
+        kernel = getattr(_extension._C, f"{OP}_{backend}")
+        return kernel(rows, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset)
+
+    return run
 
 
-@dispatcher.register("cuda")
-def _cuda(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
-    return _extension._C.logits_to_confidence_cuda(
-        rows, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset
-    )
+for _backend in ("cpu", "cuda"):
+    dispatcher.register(_backend)(_compiled(_backend))
 
 
 @dispatcher.register("triton")

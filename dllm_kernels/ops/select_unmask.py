@@ -80,7 +80,20 @@ def _matrix(name, t, dtype, score):
     _err(f"{name} must be contiguous along L (stride(-1) == 1); got strides {list(t.stride())}")
 
 
-def check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x):
+def checked_args(
+    score,
+    eligible,
+    *,
+    policy="topk",
+    k=None,
+    threshold=0.9,
+    inclusive=False,
+    factor=1.0,
+    min_per_row=1,
+    token=None,
+    x=None,
+):
+    """The schema's arguments, checked, in schema order (the fake kernel and _impl take them as given)."""
     if not isinstance(score, torch.Tensor) or score.dim() != 2:
         got = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
         _err(f"score must be a [B, L] tensor; got {got}")
@@ -117,42 +130,18 @@ def check_args(score, eligible, policy, k, threshold, factor, min_per_row, token
         _err(f"threshold must be finite; got {threshold}", ValueError)
     if not math.isfinite(factor):
         _err(f"factor must be finite; got {factor}", ValueError)
+    return score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x
 
 
 @torch.library.register_fake(f"dllm::{OP}")
-def _fake(
-    score,
-    eligible,
-    *,
-    policy="topk",
-    k=None,
-    threshold=0.9,
-    inclusive=False,
-    factor=1.0,
-    min_per_row=1,
-    token=None,
-    x=None,
-):
-    check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x)
+def _fake(*args, **kwargs):
+    score = checked_args(*args, **kwargs)[0]
     return score.new_empty(score.shape, dtype=torch.bool), score.new_empty(score.shape[:1], dtype=torch.int32)
 
 
-def _impl(
-    score,
-    eligible,
-    *,
-    policy="topk",
-    k=None,
-    threshold=0.9,
-    inclusive=False,
-    factor=1.0,
-    min_per_row=1,
-    token=None,
-    x=None,
-):
-    check_args(score, eligible, policy, k, threshold, factor, min_per_row, token, x)
-    provider = dispatcher.select(score.device, score)
-    return provider.run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+def _impl(*args, **kwargs):
+    arguments = checked_args(*args, **kwargs)
+    return dispatcher.select(arguments[0].device, arguments[0]).run(*arguments)
 
 
 # CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
@@ -175,18 +164,17 @@ def _reference(score, eligible, policy, k, threshold, inclusive, factor, min_per
     )
 
 
-@dispatcher.register("cpu")
-def _cpu(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
-    return _extension._C.select_unmask_cpu(
-        score, eligible, POLICIES.index(policy), k, threshold, inclusive, factor, min_per_row, token, x
-    )
+def _compiled(backend):
+    def run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+        kernel = getattr(_extension._C, f"{OP}_{backend}")
+        policy = POLICIES.index(policy)
+        return kernel(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+
+    return run
 
 
-@dispatcher.register("cuda")
-def _cuda(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
-    return _extension._C.select_unmask_cuda(
-        score, eligible, POLICIES.index(policy), k, threshold, inclusive, factor, min_per_row, token, x
-    )
+for _backend in ("cpu", "cuda"):
+    dispatcher.register(_backend)(_compiled(_backend))
 
 
 def _triton_supports(score, *args, **kwargs):
