@@ -10,6 +10,7 @@ from . import (
 )
 from ._backends import BACKENDS, available_backends, use_backend
 from .decode import RECIPES, decode_step
+from .ops.block_attention import block_attention
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
 
@@ -17,6 +18,7 @@ __all__ = [
     "BACKENDS",
     "RECIPES",
     "available_backends",
+    "block_attention",
     "decode_step",
     "logits_to_confidence",
     "schedules",

@@ -21,6 +21,11 @@ SCHEMAS = {
         "float threshold=0.9, bool inclusive=False, float factor=1.0, int min_per_row=1, "
         "Tensor? token=None, Tensor(a!)? x=None) -> (Tensor selected, Tensor count)"
     ),
+    "block_attention": (
+        "block_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor q_start, Tensor kv_len, *, "
+        "Tensor? k_new=None, Tensor? v_new=None, int block_size=0, float? scale=None, "
+        "bool return_lse=False) -> (Tensor out, Tensor lse)"
+    ),
 }
 
 for _schema in SCHEMAS.values():

@@ -1,0 +1,227 @@
+"""``dllm::block_attention``: block-sparse attention with partial KV reuse (SPEC.md section 3)."""
+
+import math
+import os
+
+import torch
+
+from .. import _registry
+from .._backends import Dispatcher
+from ..reference import block_attention as reference
+from ._common import OpError
+
+OP = "block_attention"
+_err = OpError(OP)
+dispatcher = Dispatcher(OP)
+# Value checks (write range, kv_len) need the values: free on CPU, a host sync on a GPU, so there only
+# with DLLM_DEBUG_CHECKS=1 (read once, at import). GPU kernels never write outside the cache.
+_DEBUG_CHECKS = os.environ.get("DLLM_DEBUG_CHECKS") == "1"
+
+
+def block_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    block_size: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a block of queries over a KV cache, with the block-diffusion visibility rule.
+
+    Args:
+        q: ``[B, Sq, Hq, D]`` bf16 / fp16 (fp32 too on CPU); unit last stride, any other strides.
+        k_cache, v_cache: ``[B, S_max, Hkv, D]``, q's dtype, ``Hq % Hkv == 0``: query head ``h`` reads KV head
+            ``h // (Hq / Hkv)`` (GQA / MQA without expanding the cache). Mutated only when ``k_new`` is given.
+        q_start, kv_len: int32 ``[B]``: query ``i`` of row ``b`` sits at position ``q_start[b] + i``; keys
+            ``[0, kv_len[b])`` are valid.
+        k_new, v_new: ``[B, Sq, Hkv, D]``, both or neither: written into the caches at
+            ``q_start[b] .. q_start[b] + Sq - 1`` first (partial KV reuse: only the active block is new).
+        block_size: 0 = every valid key is visible (prefix cache: ``kv_len = q_start + Sq``; dual cache:
+            ``kv_len = L``); ``> 0`` = block-causal: key ``j`` is visible to position ``p`` iff
+            ``j // block_size <= p // block_size`` (block-diffusion prefill / training, ``q_start = 0``).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return the fp32 log-sum-exp ``[B, Hq, Sq]`` (natural log); else an empty tensor.
+
+    Returns:
+        ``out`` ``[B, Sq, Hq, D]`` in q's dtype and ``lse``. A query that sees no key gets ``out = 0`` and
+        ``lse = -inf``.
+    """
+    return torch.ops.dllm.block_attention(
+        q,
+        k_cache,
+        v_cache,
+        q_start,
+        kv_len,
+        k_new=k_new,
+        v_new=v_new,
+        block_size=block_size,
+        scale=scale,
+        return_lse=return_lse,
+    )
+
+
+def _tensor4(name, t):
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        _err(f"{name} must be a 4-dim tensor; got {got}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        _err(f"{name} must be contiguous along D (stride(-1) == 1); got strides {list(t.stride())}")
+
+
+def checked_args(
+    q,
+    k_cache,
+    v_cache,
+    q_start,
+    kv_len,
+    *,
+    k_new=None,
+    v_new=None,
+    block_size=0,
+    scale=None,
+    return_lse=False,
+):
+    """The schema's arguments, checked before anything is written, in schema order."""
+    _tensor4("q", q)
+    _err.dtype("q", q, (torch.bfloat16, torch.float16, torch.float32))
+    n_rows, n_queries, n_heads, head_dim = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor4(name, t)
+        if t.dtype != q.dtype:
+            _err(f"{name} must have q's dtype {q.dtype}; got {t.dtype}", TypeError)
+        _err.same_device(name, t, "q", q)
+    if k_cache.shape != v_cache.shape:
+        _err(f"v_cache must have k_cache's shape {list(k_cache.shape)}; got {list(v_cache.shape)}")
+    s_max, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != n_rows:
+        _err(f"k_cache must have q's batch size {n_rows}; got {k_cache.shape[0]}")
+    if k_cache.shape[3] != head_dim:
+        _err(f"k_cache must have q's head dim {head_dim}; got {k_cache.shape[3]}")
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        _err(f"Hq must be a multiple of Hkv; got Hq = {n_heads}, Hkv = {n_kv_heads}")
+    for name, t in (("q_start", q_start), ("kv_len", kv_len)):
+        _err.dtype(name, t, (torch.int32,))
+        _err.shape(name, t, (n_rows,), " ([B])")
+        _err.same_device(name, t, "q", q)
+    if (k_new is None) != (v_new is None):
+        _err(
+            "k_new and v_new go together; got only " + ("k_new" if k_new is not None else "v_new"), ValueError
+        )
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            _tensor4(name, t)
+            if t.dtype != q.dtype:
+                _err(f"{name} must have q's dtype {q.dtype}; got {t.dtype}", TypeError)
+            _err.shape(name, t, (n_rows, n_queries, n_kv_heads, head_dim), " ([B, Sq, Hkv, D])")
+            _err.same_device(name, t, "q", q)
+    if block_size < 0:
+        _err(f"block_size must be >= 0; got {block_size}", ValueError)
+    if scale is not None and not math.isfinite(scale):
+        _err(f"scale must be finite; got {scale}", ValueError)
+    if q.device.type == "cpu" or _DEBUG_CHECKS:
+        if k_new is not None and n_rows and int((q_start.long() + n_queries).max()) > s_max:
+            _err(
+                f"q_start + Sq must be <= S_max = {s_max} when writing; got q_start = {q_start.tolist()}, "
+                f"Sq = {n_queries}",
+                ValueError,
+            )
+        if n_rows and (int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max):
+            _err(
+                f"q_start and kv_len must be in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
+                f"kv_len = {kv_len.tolist()}",
+                ValueError,
+            )
+    return q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
+
+
+def _lse_shape(q, return_lse):
+    return (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
+
+
+@torch.library.register_fake(f"dllm::{OP}")
+def _fake(*args, **kwargs):
+    q, *_, return_lse = checked_args(*args, **kwargs)
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, return_lse), dtype=torch.float32)
+
+
+def _impl(*args, **kwargs):
+    arguments = checked_args(*args, **kwargs)
+    q = arguments[0]
+    return dispatcher.select(q.device, *arguments).run(*arguments)
+
+
+# CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
+_registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
+
+
+@dispatcher.register("reference")
+def _reference(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
+    return reference.block_attention(
+        q,
+        k_cache,
+        v_cache,
+        q_start,
+        kv_len,
+        k_new=k_new,
+        v_new=v_new,
+        block_size=block_size,
+        scale=scale,
+        return_lse=return_lse,
+    )
+
+
+def _visible_runs(q_start: int, n_queries: int, kv_len: int, block_size: int):
+    """(first query, end query, visible key end) for each run of queries that see the same keys."""
+    if block_size == 0:
+        yield 0, n_queries, kv_len
+        return
+    first_block = q_start // block_size
+    last_block = (q_start + n_queries - 1) // block_size
+    for block in range(first_block, last_block + 1):
+        begin = max(0, block * block_size - q_start)
+        end = min(n_queries, (block + 1) * block_size - q_start)
+        yield begin, end, min(kv_len, (block + 1) * block_size)
+
+
+@dispatcher.register("cpu")
+def _cpu(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
+    """Chunked ATen: every run of queries that sees the same key prefix is one call of torch's CPU flash
+    kernel over exactly that prefix, so invisible key blocks are never touched and no mask is built. The
+    GQA group is folded into the query axis, so each KV head is read once for all its query heads."""
+    if k_new is not None:
+        reference.write_kv(k_cache, v_cache, k_new, v_new, q_start)
+    n_rows, n_queries, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2]
+    group = n_heads // n_kv_heads
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((n_rows, n_heads, n_queries), -torch.inf, device=q.device)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    for b, (start, length) in enumerate(zip(q_start.tolist(), kv_len.tolist(), strict=True)):
+        queries = q[b].unflatten(1, (n_kv_heads, group)).permute(1, 0, 2, 3)  # [Hkv, Sq, G, D]
+        keys, values = k_cache[b].transpose(0, 1), v_cache[b].transpose(0, 1)  # [Hkv, S, D]
+        for i0, i1, end in _visible_runs(start, n_queries, length, block_size):
+            if end <= 0 or i1 <= i0:
+                continue
+            run = queries[:, i0:i1].reshape(1, n_kv_heads, (i1 - i0) * group, head_dim)
+            o, run_lse = flash(run, keys[None, :, :end], values[None, :, :end], scale=scale)
+            out[b, i0:i1] = o[0].unflatten(1, (i1 - i0, group)).permute(1, 0, 2, 3).flatten(1, 2)
+            lse[b, :, i0:i1] = run_lse[0].unflatten(1, (i1 - i0, group)).permute(0, 2, 1).flatten(0, 1)
+    return out, lse if return_lse else lse.new_empty(0)
+
+
+def _triton_supports(q, *args):
+    if q.shape[-1] not in (64, 96, 128, 256):
+        return f"triton runs head dims 64, 96, 128, 256; got {q.shape[-1]}"
+    return None
+
+
+@dispatcher.register("triton", supports=_triton_supports)
+def _triton(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
+    from ..triton_kernels.block_attention import block_attention as launch
+
+    return launch(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse)
