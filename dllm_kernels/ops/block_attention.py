@@ -97,7 +97,7 @@ def checked_args(
         _err.same_device(name, t, "q", q)
     if k_cache.shape != v_cache.shape:
         _err(f"v_cache must have k_cache's shape {list(k_cache.shape)}; got {list(v_cache.shape)}")
-    s_max, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    n_kv_heads = k_cache.shape[2]
     if k_cache.shape[0] != n_rows:
         _err(f"k_cache must have q's batch size {n_rows}; got {k_cache.shape[0]}")
     if k_cache.shape[3] != head_dim:
@@ -123,20 +123,26 @@ def checked_args(
         _err(f"block_size must be >= 0; got {block_size}", ValueError)
     if scale is not None and not math.isfinite(scale):
         _err(f"scale must be finite; got {scale}", ValueError)
-    if q.device.type == "cpu" or _DEBUG_CHECKS:
-        if k_new is not None and n_rows and int((q_start.long() + n_queries).max()) > s_max:
-            _err(
-                f"q_start + Sq must be <= S_max = {s_max} when writing; got q_start = {q_start.tolist()}, "
-                f"Sq = {n_queries}",
-                ValueError,
-            )
-        if n_rows and (int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max):
-            _err(
-                f"q_start and kv_len must be in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
-                f"kv_len = {kv_len.tolist()}",
-                ValueError,
-            )
     return q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
+
+
+def _check_values(q, k_cache, q_start, kv_len, k_new):
+    """Checks that read q_start / kv_len (the real kernel only: fake tensors have no values)."""
+    if q.shape[0] == 0 or not (q.device.type == "cpu" or _DEBUG_CHECKS):
+        return
+    s_max = k_cache.shape[1]
+    if k_new is not None and int((q_start.long() + q.shape[1]).max()) > s_max:
+        _err(
+            f"q_start + Sq must be <= S_max = {s_max} when writing; got q_start = {q_start.tolist()}, "
+            f"Sq = {q.shape[1]}",
+            ValueError,
+        )
+    if int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max:
+        _err(
+            f"q_start and kv_len must be in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
+            f"kv_len = {kv_len.tolist()}",
+            ValueError,
+        )
 
 
 def _lse_shape(q, return_lse):
@@ -151,7 +157,8 @@ def _fake(*args, **kwargs):
 
 def _impl(*args, **kwargs):
     arguments = checked_args(*args, **kwargs)
-    q = arguments[0]
+    q, k_cache, _, q_start, kv_len, k_new = arguments[:6]
+    _check_values(q, k_cache, q_start, kv_len, k_new)
     return dispatcher.select(q.device, *arguments).run(*arguments)
 
 
