@@ -26,6 +26,14 @@ SCHEMAS = {
         "Tensor? k_new=None, Tensor? v_new=None, int block_size=0, float? scale=None, "
         "bool return_lse=False) -> (Tensor out, Tensor lse)"
     ),
+    "prune_24": "prune_24(Tensor weight, Tensor? score=None) -> Tensor mask",
+    "compress_24": "compress_24(Tensor weight, Tensor? mask=None) -> (Tensor values, Tensor meta)",
+    "decompress_24": "decompress_24(Tensor values, Tensor meta) -> Tensor weight",
+    "sparse24_mm": "sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+    "armor_linear": (
+        "armor_linear(Tensor x, Tensor wrap_in, Tensor values, Tensor meta, Tensor wrap_out, "
+        "Tensor? bias=None) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

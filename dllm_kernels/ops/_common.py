@@ -5,6 +5,11 @@ import torch
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def describe(value) -> str:
+    """A tensor's shape, or a non-tensor's type, for error messages."""
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 class OpError:
     """Raises errors that start with ``dllm::<op>:`` and say what was expected and what was given."""
 

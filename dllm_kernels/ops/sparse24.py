@@ -1,0 +1,204 @@
+"""The 2:4 semi-structured ops (SPEC.md section 4): ``dllm::prune_24``, ``compress_24``, ``decompress_24``,
+``sparse24_mm``, ``armor_linear``, for decode-time linear layers. The format is described in
+``dllm_kernels/reference/sparse24.py``."""
+
+import torch
+
+from .. import _registry
+from .._backends import Dispatcher
+from ..reference import sparse24 as reference
+from ._common import FLOAT_DTYPES, OpError, describe
+
+dispatchers = {
+    name: Dispatcher(name)
+    for name in ("prune_24", "compress_24", "decompress_24", "sparse24_mm", "armor_linear")
+}
+_err = {name: OpError(name) for name in dispatchers}
+
+
+def prune_24(weight: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[N, K]`` mask keeping, in every group of 4 along K, the 2 largest ``|weight|`` (or ``score``);
+    ties keep the lower index. ``weight`` fp16 / bf16 / fp32 ``[N, K]``, ``K % 16 == 0``."""
+    return torch.ops.dllm.prune_24(weight, score)
+
+
+def compress_24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [N, K/2], meta int16 [N, K/16])`` of ``weight`` under ``mask`` (default: ``prune_24``).
+    The pattern comes from the mask, never from the values: kept exact zeros (and ``-0.0``) stay kept. A mask
+    that does not keep exactly 2 of every 4 is an error."""
+    return torch.ops.dllm.compress_24(weight, mask)
+
+
+def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense ``[N, K]`` weight; ``decompress_24(*compress_24(w, m)) == w * m`` exactly."""
+    return torch.ops.dllm.decompress_24(values, meta)
+
+
+def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None):
+    """``x @ decompress_24(values, meta).T + bias`` for ``x [..., K]``: fp32 accumulation, x's dtype out.
+    At small M (decode) it reads 9/16 of the dense weight's bytes."""
+    return torch.ops.dllm.sparse24_mm(x, values, meta, bias)
+
+
+def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None):
+    """ARMOR's factorised layer ``y = blockdiag(wrap_out) . S . blockdiag(wrap_in) . x (+ bias)`` per row
+    of x: ``S`` the 2:4 core (values, meta), ``wrap_in [K/bs, bs, bs]`` applied first, ``wrap_out
+    [N/bs', bs', bs']`` last."""
+    return torch.ops.dllm.armor_linear(x, wrap_in, values, meta, wrap_out, bias)
+
+
+def _weight_like(err, name, t, dtypes=FLOAT_DTYPES):
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        err(f"{name} must be a 2-dim tensor; got {describe(t)}")
+    err.dtype(name, t, dtypes)
+
+
+def _check_k(err, k):
+    if k % 16:
+        err(f"K must be a multiple of 16; got K = {k}")
+
+
+def _check_format(err, values, meta):
+    """values [N, K/2] float, meta int16 [N, K/16] on the same device; returns (N, K)."""
+    _weight_like(err, "values", values)
+    _weight_like(err, "meta", meta, (torch.int16,))
+    n, half = values.shape
+    if half % 8:
+        err(f"values must have K/2 columns with K a multiple of 16; got {half} columns")
+    err.shape("meta", meta, (n, half // 8), " ([N, K/16] for values [N, K/2])")
+    err.same_device("meta", meta, "values", values)
+    return n, 2 * half
+
+
+def _check_bias(err, bias, n, x):
+    if bias is not None:
+        err.shape("bias", bias, (n,), " ([N])")
+        if bias.dtype != x.dtype:
+            err(f"bias must have x's dtype {x.dtype}; got {bias.dtype}", TypeError)
+        err.same_device("bias", bias, "x", x)
+
+
+def _check_x(err, x, values, k):
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k:
+        err(f"x must have shape [..., K] with K = {k}; got {describe(x)}")
+    if x.dtype != values.dtype:
+        err(f"x must have the weight's dtype {values.dtype}; got {x.dtype}", TypeError)
+    err.same_device("x", x, "values", values)
+
+
+def _prune_args(weight, score=None):
+    err = _err["prune_24"]
+    _weight_like(err, "weight", weight)
+    _check_k(err, weight.shape[1])
+    if score is not None:
+        err.shape("score", score, weight.shape, " (the shape of weight)")
+        err.same_device("score", score, "weight", weight)
+    return weight, score
+
+
+def _compress_args(weight, mask=None):
+    err = _err["compress_24"]
+    _weight_like(err, "weight", weight)
+    _check_k(err, weight.shape[1])
+    if mask is not None:
+        err.dtype("mask", mask, (torch.bool,))
+        err.shape("mask", mask, weight.shape, " (the shape of weight)")
+        err.same_device("mask", mask, "weight", weight)
+    return weight, mask
+
+
+def _decompress_args(values, meta):
+    _check_format(_err["decompress_24"], values, meta)
+    return values, meta
+
+
+def _mm_args(x, values, meta, bias=None):
+    err = _err["sparse24_mm"]
+    n, k = _check_format(err, values, meta)
+    _check_x(err, x, values, k)
+    _check_bias(err, bias, n, x)
+    return x, values, meta, bias
+
+
+def _wrap(err, name, blocks, size, dtype):
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+        err(f"{name} must be [n_blocks, bs, bs]; got {describe(blocks)}")
+    n_blocks, bs = blocks.shape[0], blocks.shape[1]
+    if bs == 0 or n_blocks * bs != size:
+        err(f"{name}'s blocks must tile {size} exactly ([{size} / bs, bs, bs]); got {list(blocks.shape)}")
+    if blocks.dtype != dtype:
+        err(f"{name} must have x's dtype {dtype}; got {blocks.dtype}", TypeError)
+
+
+def _armor_args(x, wrap_in, values, meta, wrap_out, bias=None):
+    err = _err["armor_linear"]
+    n, k = _check_format(err, values, meta)
+    _check_x(err, x, values, k)
+    _wrap(err, "wrap_in", wrap_in, k, x.dtype)
+    _wrap(err, "wrap_out", wrap_out, n, x.dtype)
+    for name, t in (("wrap_in", wrap_in), ("wrap_out", wrap_out)):
+        err.same_device(name, t, "x", x)
+    _check_bias(err, bias, n, x)
+    return x, wrap_in, values, meta, wrap_out, bias
+
+
+def _check_mask_values(mask):
+    """compress_24's mask must keep exactly 2 of every 4 (read in the real kernel only; an offline op)."""
+    per_group = mask.reshape(mask.shape[0], -1, 4).sum(-1)
+    bad = (per_group != 2).nonzero()
+    if bad.numel():
+        row, group = bad[0].tolist()
+        _err["compress_24"](
+            f"mask must keep exactly 2 of every 4 consecutive elements along K; row {row}, group {group} "
+            f"(columns {4 * group}..{4 * group + 3}) keeps {int(per_group[row, group])}",
+            ValueError,
+        )
+
+
+def _register(name, checked_args, fake, impl_prepare=None):
+    """Fake kernel and the dispatching implementation of one op (CompositeExplicitAutograd: every device)."""
+
+    @torch.library.register_fake(f"dllm::{name}")
+    def _fake(*args, **kwargs):
+        return fake(*checked_args(*args, **kwargs))
+
+    def _impl(*args, **kwargs):
+        arguments = checked_args(*args, **kwargs)
+        if impl_prepare is not None:
+            arguments = impl_prepare(*arguments)
+        return dispatchers[name].select(arguments[0].device, *arguments).run(*arguments)
+
+    _registry.lib.impl(name, _impl, "CompositeExplicitAutograd")
+
+
+def _out_rows(x, values):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _compress_prepare(weight, mask):
+    if mask is None:
+        mask = reference.prune_24(weight)
+    else:
+        _check_mask_values(mask)
+    return weight, mask
+
+
+_register("prune_24", _prune_args, lambda w, s: w.new_empty(w.shape, dtype=torch.bool))
+_register(
+    "compress_24",
+    _compress_args,
+    lambda w, m: (
+        w.new_empty((w.shape[0], w.shape[1] // 2)),
+        w.new_empty((w.shape[0], w.shape[1] // 16), dtype=torch.int16),
+    ),
+    _compress_prepare,
+)
+_register("decompress_24", _decompress_args, lambda v, m: v.new_empty((v.shape[0], 2 * v.shape[1])))
+_register("sparse24_mm", _mm_args, lambda x, v, m, b: _out_rows(x, v))
+_register("armor_linear", _armor_args, lambda x, wi, v, m, wo, b: _out_rows(x, v))
+
+dispatchers["prune_24"].register("reference")(reference.prune_24)
+dispatchers["compress_24"].register("reference")(reference.compress_24)
+dispatchers["decompress_24"].register("reference")(reference.decompress_24)
+dispatchers["sparse24_mm"].register("reference")(reference.sparse24_mm)
+dispatchers["armor_linear"].register("reference")(reference.armor_linear)
