@@ -6,6 +6,7 @@ Every op has a plain-PyTorch reference and, where built, ``cuda``, ``triton`` an
 
 from . import (
     _registry,  # noqa: F401  (defines the schemas before any op registers kernels)
+    nn,
     schedules,
 )
 from ._backends import BACKENDS, available_backends, use_backend
@@ -13,16 +14,23 @@ from .decode import RECIPES, decode_step
 from .ops.block_attention import block_attention
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
+from .ops.sparse24 import armor_linear, compress_24, decompress_24, prune_24, sparse24_mm
 
 __all__ = [
     "BACKENDS",
     "RECIPES",
+    "armor_linear",
     "available_backends",
     "block_attention",
+    "compress_24",
     "decode_step",
+    "decompress_24",
     "logits_to_confidence",
+    "nn",
+    "prune_24",
     "schedules",
     "select_unmask",
+    "sparse24_mm",
     "use_backend",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""2:4 sparsity: the format (exact), every backend's products against the reference, the module, errors."""
+
+import pytest
+import torch
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close
+
+import dllm_kernels
+from dllm_kernels import use_backend
+from dllm_kernels.nn import Sparse24Linear
+from dllm_kernels.ops.sparse24 import dispatchers
+from dllm_kernels.reference import sparse24 as reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def pruned(n, k, dtype=torch.float32, device="cpu"):
+    weight = torch.randn(n, k, device=device).to(dtype)
+    mask = dllm_kernels.prune_24(weight)
+    return weight, mask, *dllm_kernels.compress_24(weight, mask)
+
+
+def test_prune_keeps_two_largest_of_four_lowest_index_on_ties():
+    weight = torch.tensor(
+        [[1.0, -3.0, 2.0, 0.5, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, -0.0, 5.0, 5.0, -5.0, 4.0]]
+    )
+    mask = dllm_kernels.prune_24(weight)
+    assert mask[0].int().tolist() == [0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0]
+    score = torch.arange(16.0)[None].flip(-1)  # a score overrides |weight|
+    assert dllm_kernels.prune_24(weight, score)[0].int().tolist() == [1, 1, 0, 0] * 4
+    big = torch.randn(64, 4096)
+    assert (dllm_kernels.prune_24(big).view(64, -1, 4).sum(-1) == 2).all()
+
+
+def test_compress_format_by_hand():
+    # group 0 keeps (1, 2): code 1 | 2 << 2 = 0b1001; group 1 keeps (0, 3): 0b1100; group 2 (2, 3): 0b1110;
+    # group 3 (0, 1): 0b0100 -> meta = 0x4EC9
+    weight = torch.arange(1.0, 17.0)[None]
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    values, meta = dllm_kernels.compress_24(weight, mask)
+    assert values.tolist() == [[2.0, 3.0, 5.0, 8.0, 11.0, 12.0, 13.0, 14.0]]
+    assert meta.dtype == torch.int16 and (meta.int() & 0xFFFF).tolist() == [[0x4EC9]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_is_exact_and_keeps_zeros(dtype):
+    weight, mask, values, meta = pruned(48, 4096 + 64, dtype)
+    weight[mask & (torch.rand_like(weight, dtype=torch.float32) < 0.1)] = 0.0  # kept exact zeros
+    weight[0, :4] = torch.tensor([-0.0, -0.0, 1.0, 2.0]).to(dtype)
+    mask[0, :4] = torch.tensor([True, True, False, False])
+    values, meta = dllm_kernels.compress_24(weight, mask)
+    assert torch.equal(dllm_kernels.decompress_24(values, meta), weight * mask)
+    again = dllm_kernels.compress_24(dllm_kernels.decompress_24(values, meta), mask)
+    assert torch.equal(again[0], values) and torch.equal(again[1], meta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_sparse24_mm_matches_reference(backend, device, dtype):
+    if (backend, device) == ("triton", "cpu") and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    for m, n, k in ((1, 16, 16), (3, 48, 64), (19, 64, 128), (16, 40, 4096)):
+        *_, values, meta = pruned(n, k, dtype, device)
+        x = torch.randn(m, k, device=device).to(dtype)
+        bias = torch.randn(n, device=device).to(dtype)
+        reason = dispatchers["sparse24_mm"].why_not(backend, x.device, x, values, meta, bias, explicit=True)
+        if reason is not None:
+            pytest.skip(reason)
+        with use_backend(backend):
+            for args in ((x, values, meta, bias), (x, values, meta), (x.view(1, m, k), values, meta, bias)):
+                got = dllm_kernels.sparse24_mm(*args)
+                assert got.dtype == dtype and got.shape == (*args[0].shape[:-1], n)
+                assert_close(got, reference.sparse24_mm(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_armor_linear_matches_reference(backend, device):
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    weight, mask, values, meta = pruned(64, 128, dtype, device)
+    x = torch.randn(2, 5, 128, device=device).to(dtype)
+    wrap_in = torch.randn(4, 32, 32, device=device).to(dtype) / 6
+    wrap_out = torch.randn(2, 32, 32, device=device).to(dtype) / 6
+    bias = torch.randn(64, device=device).to(dtype)
+    args = (x, wrap_in, values, meta, wrap_out, bias)
+    reason = dispatchers["armor_linear"].why_not(backend, x.device, *args, explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
+    with use_backend(backend):
+        got = dllm_kernels.armor_linear(*args)
+    assert_close(got, reference.armor_linear(*args))
+    # A x S x B as three dense products, written out
+    dense = torch.block_diag(*wrap_out.float()) @ (weight * mask).float() @ torch.block_diag(*wrap_in.float())
+    assert_close(got, (x.float() @ dense.T + bias.float()).to(dtype))
+
+
+def test_sparse24_linear_module_round_trips():
+    linear = torch.nn.Linear(64, 48)
+    module = Sparse24Linear.from_linear(linear)
+    x = torch.randn(7, 64)
+    mask = dllm_kernels.prune_24(linear.weight.detach())
+    expected = torch.nn.functional.linear(x, linear.weight.detach() * mask, linear.bias.detach())
+    assert_close(module(x), expected)
+    clone = Sparse24Linear(64, 48)
+    clone.load_state_dict(module.state_dict())
+    assert torch.equal(clone(x), module(x))
+    assert set(module.state_dict()) == {"values", "meta", "bias"}
+    no_bias = Sparse24Linear.from_linear(torch.nn.Linear(32, 16, bias=False), score=torch.rand(16, 32))
+    assert no_bias.bias is None and no_bias(torch.randn(2, 32)).shape == (2, 16)
+
+
+def test_opcheck_and_compile():
+    weight, mask, values, meta = pruned(32, 64)
+    x, bias = torch.randn(3, 64), torch.randn(32)
+    checks = (
+        ("prune_24", (weight,)),
+        ("compress_24", (weight, mask)),
+        ("decompress_24", (values, meta)),
+        ("sparse24_mm", (x, values, meta, bias)),
+        ("armor_linear", (x, torch.randn(4, 16, 16), values, meta, torch.randn(2, 16, 16), bias)),
+    )
+    for name, args in checks:
+        torch.library.opcheck(getattr(torch.ops.dllm, name).default, args)
+
+    @torch.compile(fullgraph=True)
+    def layer(x):
+        return torch.relu(dllm_kernels.sparse24_mm(x, values, meta, bias))
+
+    assert_close(layer(x), torch.relu(reference.sparse24_mm(x, values, meta, bias)))
+
+
+def _bad_calls():
+    w = torch.randn(8, 32)
+    m = dllm_kernels.prune_24(w)
+    v, meta = dllm_kernels.compress_24(w, m)
+    x = torch.randn(2, 32)
+    three_of_four = m.clone()
+    three_of_four[1, 4:8] = torch.tensor([True, True, True, False])
+    wrap = torch.randn(2, 16, 16)
+    return {
+        "K not a multiple of 16": (
+            "compress_24",
+            (torch.randn(8, 24),),
+            RuntimeError,
+            "K must be a multiple of 16",
+        ),
+        "mask not 2 of 4": (
+            "compress_24",
+            (w, three_of_four),
+            ValueError,
+            "row 1, group 1 (columns 4..7) keeps 3",
+        ),
+        "meta dtype": ("decompress_24", (v, meta.int()), TypeError, "meta must be int16; got int32"),
+        "meta shape": ("decompress_24", (v, meta[:, :1]), RuntimeError, "meta must have shape [8, 2]"),
+        "x last dim": (
+            "sparse24_mm",
+            (torch.randn(2, 16), v, meta),
+            RuntimeError,
+            "x must have shape [..., K]",
+        ),
+        "bias length": (
+            "sparse24_mm",
+            (x, v, meta, torch.randn(7)),
+            RuntimeError,
+            "bias must have shape [8]",
+        ),
+        "dtypes differ": ("sparse24_mm", (x.half(), v, meta), TypeError, "x must have the weight's dtype"),
+        "wrap_in blocks": (
+            "armor_linear",
+            (x, torch.randn(3, 10, 10), v, meta, wrap[:1, :8, :8]),
+            RuntimeError,
+            "wrap_in's blocks must tile 32 exactly",
+        ),
+        "wrap_out blocks": (
+            "armor_linear",
+            (x, wrap, v, meta, torch.randn(1, 6, 6)),
+            RuntimeError,
+            "wrap_out's blocks must tile 8 exactly",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_input_messages(case):
+    op, args, exc, fragment = _bad_calls()[case]
+    with pytest.raises(exc) as info:
+        getattr(dllm_kernels, op)(*args)
+    message = str(info.value)
+    assert message.startswith(f"dllm::{op}: "), message
+    assert fragment in message, message
