@@ -8,7 +8,7 @@ import torch
 from .. import _registry
 from .._backends import Dispatcher
 from ..reference import block_attention as reference
-from ._common import OpError
+from ._common import OpError, describe
 
 OP = "block_attention"
 _err = OpError(OP)
@@ -67,8 +67,7 @@ def block_attention(
 
 def _tensor4(name, t):
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
-        got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        _err(f"{name} must be a 4-dim tensor; got {got}")
+        _err(f"{name} must be a 4-dim tensor; got {describe(t)}")
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         _err(f"{name} must be contiguous along D (stride(-1) == 1); got strides {list(t.stride())}")
 

@@ -7,7 +7,7 @@ import torch
 from .. import _extension, _registry
 from .._backends import Dispatcher
 from ..reference import select_unmask as reference
-from ._common import OpError
+from ._common import OpError, describe
 
 OP = "select_unmask"
 POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all")
@@ -95,8 +95,7 @@ def checked_args(
 ):
     """The schema's arguments, checked, in schema order (the fake kernel and _impl take them as given)."""
     if not isinstance(score, torch.Tensor) or score.dim() != 2:
-        got = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-        _err(f"score must be a [B, L] tensor; got {got}")
+        _err(f"score must be a [B, L] tensor; got {describe(score)}")
     _matrix("score", score, torch.float32, score)
     if score.shape[1] >= 2**31:
         _err(f"score rows must hold fewer than 2^31 positions; got L = {score.shape[1]}")
