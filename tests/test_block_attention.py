@@ -275,3 +275,21 @@ def test_bad_input_messages(case):
     assert message.startswith("dllm::block_attention: "), message
     assert fragment in message, message
     assert torch.equal(args[1], caches[0]) and torch.equal(args[2], caches[1]), "caches written on error"
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_split_kv_head_dim_96_and_unread_keys(splits):
+    """Split-KV merged by lse, a padded head dim, and keys beyond the visible range that are never read
+    (they hold NaN: one read would poison the output)."""
+    if dispatcher.why_not("triton", torch.device("cpu"), torch.empty(1, 1, 1, 64), explicit=True) is not None:
+        pytest.skip("triton cannot run here")
+    from dllm_kernels.triton_kernels.block_attention import block_attention as launch
+
+    q, k_cache, v_cache, _ = tensors("cpu", torch.float16, 2, 8, 160, heads=(8, 2), head_dim=96, new=False)
+    q_start, kv_len = int32([40, 100], "cpu"), int32([128, 150], "cpu")
+    ref_out, ref_lse = reference(q, k_cache, v_cache, q_start, kv_len, block_size=32, return_lse=True)
+    k_cache[0, 128:], v_cache[0, 128:] = math.nan, math.nan  # past kv_len
+    k_cache[1, 128:150], v_cache[1, 128:150] = math.nan, math.nan  # past the queries' block: invisible
+    out, lse = launch(q, k_cache, v_cache, q_start, kv_len, None, None, 32, None, True, num_splits=splits)
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse)
