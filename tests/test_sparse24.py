@@ -57,26 +57,27 @@ def test_round_trip_is_exact_and_keeps_zeros(dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_sparse24_mm_matches_reference(backend, device, dtype):
-    if (backend, device) == ("triton", "cpu") and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bf16 arithmetic")
-    for m, n, k in ((1, 16, 16), (3, 48, 64), (19, 64, 128), (16, 40, 4096)):
+    # K % 32 == 16 (half a CPU chunk), N not a power of two, M of 1 / odd / large
+    for m, n, k in ((1, 16, 16), (3, 48, 64), (19, 64, 128), (99, 19, 272), (989, 7, 48), (16, 40, 4096)):
         *_, values, meta = pruned(n, k, dtype, device)
         x = torch.randn(m, k, device=device).to(dtype)
+        strided = torch.randn(m, 2 * k, device=device).to(dtype)[:, ::2]
         bias = torch.randn(n, device=device).to(dtype)
         reason = dispatchers["sparse24_mm"].why_not(backend, x.device, x, values, meta, bias, explicit=True)
         if reason is not None:
             pytest.skip(reason)
         with use_backend(backend):
-            for args in ((x, values, meta, bias), (x, values, meta), (x.view(1, m, k), values, meta, bias)):
+            cases = ((x, values, meta, bias), (x, values, meta), (x.view(1, m, k), values, meta, bias))
+            for args in (*cases, (strided, values, meta, bias)):
                 got = dllm_kernels.sparse24_mm(*args)
                 assert got.dtype == dtype and got.shape == (*args[0].shape[:-1], n)
-                assert_close(got, reference.sparse24_mm(*args))
+                assert_close(got, reference.sparse24_mm(*args), reduction=k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_armor_linear_matches_reference(backend, device):
-    dtype = torch.float32 if device == "cpu" else torch.float16
+def test_armor_linear_matches_reference(backend, device, dtype):
     weight, mask, values, meta = pruned(64, 128, dtype, device)
     x = torch.randn(2, 5, 128, device=device).to(dtype)
     wrap_in = torch.randn(4, 32, 32, device=device).to(dtype) / 6

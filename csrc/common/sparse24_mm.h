@@ -14,18 +14,25 @@ extern "C" {
 #endif
 
 typedef struct {
-  const void* x;  // [m, k], row stride x_stride elements, unit last stride
+  const void* x;  // [m, k], row stride x_stride elements, unit last stride, x_dtype
   int64_t m, k, x_stride;
   const void* values;   // [n, k / 2] contiguous, x's dtype
   const int16_t* meta;  // [n, k / 16] contiguous, canonical layout
   int64_t n;
   const void* bias;  // [n] or NULL, x's dtype
-  void* out;         // [m, n] contiguous, x's dtype
-  int dtype;         // DllmDtype
+  void* out;         // [m, n] contiguous, x_dtype
+  int dtype;         // DllmDtype of values and bias
+  // DllmDtype of x and out: dtype, or (CPU only) fp32 with a 16-bit weight, which armor_linear uses to
+  // keep its fp32 inner product unrounded.
+  int x_dtype;
 } DllmSparse24Params;
 
 void dllm_sparse24_mm_cpu(const DllmSparse24Params* params, int num_threads);
-int dllm_sparse24_mm_cuda(const DllmSparse24Params* params, cudaStream_t stream);
+// CUDA kernels (csrc/cuda): enqueued on stream, no host sync. workspace: device memory of
+// dllm_sparse24_mm_cuda_workspace(params) bytes (fp32 partial sums of a split K; 0 bytes: NULL is fine),
+// which depends on the shapes, dtype and the current device only.
+size_t dllm_sparse24_mm_cuda_workspace(const DllmSparse24Params* params);
+int dllm_sparse24_mm_cuda(const DllmSparse24Params* params, void* workspace, cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -25,7 +25,6 @@ typedef int32_t vint __attribute__((vector_size(64)));
 typedef uint32_t vuint __attribute__((vector_size(64)));
 typedef uint64_t vuint64 __attribute__((vector_size(128)));
 typedef uint16_t vhalf_bits __attribute__((vector_size(32)));
-typedef _Float16 vhalf __attribute__((vector_size(32)));
 
 DLLM_SIMD_INLINE vfloat splat(float x) { return vfloat{} + x; }
 
@@ -58,10 +57,16 @@ DLLM_SIMD_INLINE vfloat load(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// fp16 on the bits: GCC 12 scalarises a _Float16 vector conversion in the AVX-512 clone (no AVX512-FP16).
+// The magnitude shifted into fp32's field and scaled by 2^(127 - 15) is exact for normals and subnormals
+// (unless DAZ is on); the all-ones exponent (inf / NaN) is restored after the scaling.
 DLLM_SIMD_INLINE vfloat load(const _Float16* p) {
-  vhalf h;
+  vhalf_bits h;
   std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, vfloat);
+  const vuint bits = __builtin_convertvector(h, vuint);
+  const vfloat scaled = reinterpret_cast<vfloat>((bits & 0x7fffu) << 13) * 0x1p112f;
+  const vuint special = reinterpret_cast<vuint>((bits & 0x7c00u) == 0x7c00u) & 0x7f800000u;
+  return reinterpret_cast<vfloat>(reinterpret_cast<vuint>(scaled) | special | (bits & 0x8000u) << 16);
 }
 struct bf16 {
   uint16_t bits;
@@ -82,6 +87,23 @@ DLLM_SIMD_INLINE float to_float(bf16 x) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+
+// fp32 to T (float / _Float16 / bf16), round to nearest even; NaN stays a (quiet) NaN.
+DLLM_SIMD_INLINE bf16 to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((bits >> 16) | 0x40)};
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(bits >> 16)};
+}
+template <class T>
+DLLM_SIMD_INLINE T from_float(float x);
+template <>
+DLLM_SIMD_INLINE float from_float<float>(float x) { return x; }
+template <>
+DLLM_SIMD_INLINE _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x); }
+template <>
+DLLM_SIMD_INLINE bf16 from_float<bf16>(float x) { return to_bf16(x); }
 
 // Round to nearest integer for |x| < 2^22 (the 1.5 * 2^23 trick; this file is never built with
 // -ffast-math, which would fold it away).

@@ -5,9 +5,26 @@
 
 #include <torch/extension.h>
 
+#include "common/logits_to_confidence.h"  // DllmDtype
+
 namespace dllm::bindings {
+
+// The DllmDtype of a float tensor (the ops' Python checks admit no other dtype).
+inline int dtype_code(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DLLM_FLOAT32;
+    case at::kHalf:
+      return DLLM_FLOAT16;
+    case at::kBFloat16:
+      return DLLM_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "dllm::", op, ": internal: unsupported dtype ", t.scalar_type());
+  }
+}
 
 void register_logits_to_confidence(pybind11::module_& m);
 void register_select_unmask(pybind11::module_& m);
+void register_sparse24_mm(pybind11::module_& m);
 
 }  // namespace dllm::bindings

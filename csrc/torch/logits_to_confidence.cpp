@@ -15,19 +15,6 @@ namespace {
 
 using at::Tensor;
 
-int dtype_code(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DLLM_FLOAT32;
-    case at::kHalf:
-      return DLLM_FLOAT16;
-    case at::kBFloat16:
-      return DLLM_BFLOAT16;
-    default:
-      TORCH_CHECK(false, "dllm::logits_to_confidence: unsupported dtype ", t.scalar_type());
-  }
-}
-
 // rows: [outer, inner, V] with unit last stride (dllm_kernels.ops._common.rows_view).
 struct Launch {
   DllmConfidenceParams params;
@@ -44,7 +31,7 @@ struct Launch {
     if (banned_in) banned = banned_in->contiguous();
     params = DllmConfidenceParams{
         rows.data_ptr(),
-        dtype_code(rows),
+        dtype_code(rows, "logits_to_confidence"),
         rows.size(0),
         rows.size(1),
         rows.size(2),

@@ -4,7 +4,7 @@
 
 import torch
 
-from .. import _registry
+from .. import _extension, _registry
 from .._backends import Dispatcher
 from ..reference import sparse24 as reference
 from ._common import FLOAT_DTYPES, OpError, describe
@@ -202,3 +202,58 @@ dispatchers["compress_24"].register("reference")(reference.compress_24)
 dispatchers["decompress_24"].register("reference")(reference.decompress_24)
 dispatchers["sparse24_mm"].register("reference")(reference.sparse24_mm)
 dispatchers["armor_linear"].register("reference")(reference.armor_linear)
+
+
+def _rows_2d(x):
+    """x ``[..., K]`` as ``[M, K]`` with unit last stride (a view where it can be)."""
+    x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not -1: K may be 0
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _compiled_mm(backend):
+    def run(x, values, meta, bias=None):
+        kernel = getattr(_extension._C, f"sparse24_mm_{backend}")
+        out = kernel(
+            _rows_2d(x), values.contiguous(), meta.contiguous(), None if bias is None else bias.contiguous()
+        )
+        return out.reshape(*x.shape[:-1], values.shape[0])
+
+    return run
+
+
+for _backend in ("cpu", "cuda"):
+    dispatchers["sparse24_mm"].register(_backend)(_compiled_mm(_backend))
+
+
+@dispatchers["armor_linear"].register("cpu")
+def _cpu_armor(x, wrap_in, values, meta, wrap_out, bias=None):
+    """The reference's composition with the sparse product in the C++ kernel, on the fp32 inner product
+    (the kernel takes an fp32 x beside a 16-bit weight: nothing is rounded between the three products)."""
+    inner = reference.block_diagonal_apply(wrap_in, _rows_2d(x))
+    out = reference.block_diagonal_apply(
+        wrap_out, _extension._C.sparse24_mm_cpu(inner, values.contiguous(), meta.contiguous(), None)
+    )
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], values.shape[0])
+
+
+def _triton_armor_supports(x, wrap_in, values, meta, wrap_out, bias=None):
+    from ..triton_kernels.sparse24_mm import fused_wrap_supported
+
+    return fused_wrap_supported(wrap_out.shape[1])
+
+
+@dispatchers["sparse24_mm"].register("triton")
+def _triton_mm(x, values, meta, bias=None):
+    from ..triton_kernels.sparse24_mm import sparse24_mm as launch
+
+    return launch(_rows_2d(x), values, meta, bias).reshape(*x.shape[:-1], values.shape[0])
+
+
+@dispatchers["armor_linear"].register("triton", supports=_triton_armor_supports)
+def _triton_armor(x, wrap_in, values, meta, wrap_out, bias=None):
+    from ..triton_kernels.sparse24_mm import armor_linear as launch
+
+    out = launch(_rows_2d(x), wrap_in, values, meta, wrap_out, bias)
+    return out.reshape(*x.shape[:-1], values.shape[0])
