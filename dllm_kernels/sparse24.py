@@ -1,0 +1,118 @@
+"""2:4 semi-structured sparsity: the ops (SPEC.md section 4) and a bridge to PyTorch's semi-structured tensor.
+
+``prune_24``, ``compress_24``, ``decompress_24``, ``sparse24_mm`` and ``armor_linear`` are the ops of
+``dllm_kernels.ops.sparse24``. ``to_torch_semi_structured(values, meta)`` hands a compressed weight to
+PyTorch's ``SparseSemiStructuredTensorCUTLASS`` (``F.linear(x, tensor)`` then runs PyTorch's CUTLASS
+2:4 GEMM, on the GPUs PyTorch supports it on: sm8x) and ``from_torch_semi_structured(tensor)`` reads such
+a tensor back.
+
+The two formats. PyTorch's CUTLASS layout (``torch/sparse/_semi_structured_conversions.py``) keeps, for
+fp16 / bf16, exactly our ``values [N, K/2]`` (the kept elements of each group of 4, in order) and the
+same 4-bit codes ``i0 | i1 << 2`` packed four to an int16 in the same bit order: our ``meta [N, K/16]``
+is the matrix it builds before its last step, which scatters the int16s to the positions CUTLASS's
+interleaved column-major metadata layout reads them from. The conversion is that scatter (and its
+inverse a gather) on the int16s; the kept pattern is never re-derived from nonzeros, so kept exact zeros
+stay kept (PyTorch's ``from_dense`` would choose other positions for them). fp32 is excluded: PyTorch's
+fp32 CUTLASS format is 1:2 on pairs, not 2:4.
+"""
+
+import torch
+
+from .ops.sparse24 import armor_linear, compress_24, decompress_24, prune_24, sparse24_mm
+
+__all__ = [
+    "armor_linear",
+    "compress_24",
+    "decompress_24",
+    "from_torch_semi_structured",
+    "prune_24",
+    "sparse24_mm",
+    "to_torch_semi_structured",
+]
+
+_TORCH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cutlass_class():
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    return SparseSemiStructuredTensorCUTLASS
+
+
+def _scatter_offsets(n: int, meta_cols: int, device: torch.device) -> torch.Tensor:
+    """Flat position in PyTorch's reordered meta of each element of our ``[N, K/16]`` meta (row major).
+
+    PyTorch's private helper is reused on purpose: it *defines* the target layout (CUTLASS's
+    ColumnMajorInterleaved<2> metadata with its row interleave and 2x2 swizzle, for int16 meta), so a
+    re-derivation here could only drift from what ``torch._sparse_semi_structured_linear`` reads."""
+    from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
+
+    return _calculate_meta_reordering_scatter_offsets(n, meta_cols, torch.int16, device)
+
+
+def _check_shape(n: int, k: int, dtype: torch.dtype, what: str):
+    if dtype not in _TORCH_DTYPES:
+        raise TypeError(
+            f"dllm.sparse24.{what}: PyTorch's CUTLASS 2:4 format takes float16 / bfloat16; got "
+            f"{str(dtype).removeprefix('torch.')} (its float32 format is 1:2, not 2:4)"
+        )
+    limits = _cutlass_class()._DTYPE_SHAPE_CONSTRAINTS[dtype]
+    rows, cols = limits.sparse_min_rows, limits.sparse_min_cols
+    if n < rows or n % rows or k < cols or k % cols:
+        raise RuntimeError(
+            f"dllm.sparse24.{what}: PyTorch's CUTLASS 2:4 format needs N a multiple of {rows} and K a "
+            f"multiple of {cols}; got a [{n}, {k}] weight"
+        )
+
+
+def to_torch_semi_structured(values: torch.Tensor, meta: torch.Tensor, *, requires_grad: bool = False):
+    """A ``torch.sparse.SparseSemiStructuredTensorCUTLASS`` of shape ``[N, K]`` holding the weight of
+    ``(values [N, K/2], meta int16 [N, K/16])`` (fp16 / bf16; N a multiple of 32, K of 64, as PyTorch
+    requires). Its ``packed`` is ``values`` itself (no copy when contiguous), its ``meta`` our meta in
+    CUTLASS's order. The tensor can be built on any device; PyTorch's sparse GEMM runs it on CUDA sm8x."""
+    n, half = values.shape if values.dim() == 2 else (None, None)
+    if n is None or meta.dim() != 2 or meta.dtype != torch.int16 or tuple(meta.shape) != (n, half // 8):
+        raise RuntimeError(
+            "dllm.sparse24.to_torch_semi_structured: expected values [N, K/2] and int16 meta [N, K/16]; got "
+            f"values {list(values.shape)}, meta {list(meta.shape)} {meta.dtype}"
+        )
+    if meta.device != values.device:
+        raise RuntimeError("dllm.sparse24.to_torch_semi_structured: values and meta must share a device")
+    k = 2 * half
+    _check_shape(n, k, values.dtype, "to_torch_semi_structured")
+    reordered = meta.new_empty(n * (k // 16))
+    reordered.scatter_(0, _scatter_offsets(n, k // 16, meta.device), meta.reshape(-1))
+    return _cutlass_class()(
+        torch.Size((n, k)),
+        packed=values.contiguous(),
+        meta=reordered.view(n, k // 16),
+        packed_t=None,
+        meta_t=None,
+        compressed_swizzled_bitmask=None,
+        requires_grad=requires_grad,
+    )
+
+
+def from_torch_semi_structured(tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [N, K/2], meta int16 [N, K/16])`` of a PyTorch CUTLASS semi-structured tensor (fp16 /
+    bf16): its ``packed`` values and its ``meta`` gathered back from CUTLASS's order into ours. A
+    cuSPARSELt tensor keeps an opaque buffer and cannot be read back."""
+    cls = _cutlass_class()
+    if not isinstance(tensor, cls):
+        raise TypeError(
+            "dllm.sparse24.from_torch_semi_structured: expected a SparseSemiStructuredTensorCUTLASS; got "
+            f"{type(tensor).__name__} (cuSPARSELt tensors hold an opaque buffer; build with "
+            "SparseSemiStructuredTensor._FORCE_CUTLASS = True)"
+        )
+    packed, meta = tensor.packed, tensor.meta
+    n, k = tensor.shape
+    if packed is None or meta is None or meta.dim() != 2 or tuple(meta.shape) != (n, k // 16):
+        raise RuntimeError(
+            "dllm.sparse24.from_torch_semi_structured: the tensor holds no [N, K/16] meta of the "
+            "weight itself (a transposed-only or tile-pruned tensor); got meta "
+            f"{None if meta is None else list(meta.shape)} for shape {list(tensor.shape)}"
+        )
+    _check_shape(n, k, packed.dtype, "from_torch_semi_structured")
+    offsets = _scatter_offsets(n, k // 16, meta.device)
+    ours = meta.reshape(-1).gather(0, offsets).view(n, k // 16)
+    return packed.contiguous(), ours
