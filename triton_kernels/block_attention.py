@@ -208,53 +208,34 @@ def _attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    # Trip counts from 0, not range(lo, ...): with a dynamic start ptxas serializes the wgmma pipeline.
-    for t in range(0, (full_end - lo) // BLOCK_N):  # interior: visible to every row, no mask
-        start = lo + t * BLOCK_N
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            stride_ks,
-            stride_vs,
-            start,
-            hi,
-            lim,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            PAD_D,
-            False,
-            UPCAST,
-            PRECISION,
-        )
-    for t in range(0, tl.cdiv(hi - full_end, BLOCK_N)):  # tail: some rows (or the cache) end in the tile
-        start = full_end + t * BLOCK_N
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            stride_ks,
-            stride_vs,
-            start,
-            hi,
-            lim,
-            qk_scale,
-            offs_n,
-            offs_d,
-            d_ok,
-            PAD_D,
-            True,
-            UPCAST,
-            PRECISION,
-        )
+    # Phase 0: the interior tiles, visible to every row (no mask); phase 1: the tail, where some rows (or
+    # the cache) end inside the tile. Trip counts from 0, not range(lo, ...): with a dynamic start ptxas
+    # serializes the wgmma pipeline.
+    for MASKED in tl.static_range(2):
+        begin = full_end if MASKED else lo
+        n_tiles = tl.cdiv(hi - full_end, BLOCK_N) if MASKED else (full_end - lo) // BLOCK_N
+        for t in range(0, n_tiles):
+            acc, m_i, l_i = _attend(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                begin + t * BLOCK_N,
+                hi,
+                lim,
+                qk_scale,
+                offs_n,
+                offs_d,
+                d_ok,
+                PAD_D,
+                MASKED == 1,
+                UPCAST,
+                PRECISION,
+            )
 
     seen = l_i > 0  # l_i >= 1 once a row saw a key (its maximum contributes 2^0)
     out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]  # no key: acc is 0, out 0
