@@ -1,0 +1,500 @@
+// sparse24_mm on CUDA: out[M, N] = x[M, K] @ W^T (+ bias), W in the 2:4 format of SPEC.md section 4
+// (values [N, K/2], canonical int16 meta [N, K/16]), fp32 accumulation, output in x's dtype.
+// Framework-free: raw pointers in, launches on the caller's stream, no host sync, no allocation.
+// dllm_kernels/reference/sparse24.py is the readable statement, csrc/cpu/sparse24_mm.cpp the CPU kernel.
+//
+// fp16 / bf16: sparse tensor cores, mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.T.T.f32
+// (sm_80 and later, sm_90a included; ::ordered_metadata is the .sp variant ptxas recommends, and the
+// canonical codes are ordered, i0 < i1). The product is computed transposed,
+// out^T[N, M] = W[N, K] . x^T[K, M]: the sparse weight is the instruction's A operand (rows = output
+// features, 2:4 along K as mma.sp requires), x^T is B (M padded to the instruction's n = 8 and masked),
+// D is a 16 x 8 tile of out^T held in fp32.
+//
+// The instruction's operands, per PTX ISA "Matrix Fragments for sparse mma.m16n8k32 with .f16 and .bf16
+// types" and "Sparse matrix storage" (lane = 4 g + t: g = groupID, t = threadID_in_group):
+//   A  a0 = row g, the kept pair of 4-wide chunk t (low half = the lower kept position); a1 = row g+8,
+//      chunk t; a2 = row g, chunk 4+t; a3 = row g+8, chunk 4+t.
+//   B  b_j = x^T[k = 8 j + 2 t + {0, 1}][n = g] (low half = the even k).
+//   D  d0, d1 = (row g, n = 2 t + {0, 1}); d2, d3 = (row g+8, the same n).
+//   E  sparsity selector s in {0, 1}: lanes 4 g + 2 s (chunks 0..3) and 4 g + 2 s + 1 (chunks 4..7)
+//      supply the metadata; bits 4 c..4 c+3 of the low half hold row g's code i0 | i1 << 2 of the
+//      supplier's chunk c, bits 16 + 4 c.. the same for row g+8: the canonical nibble.
+//
+// Which 4-wide chunks of K an instruction covers is free, as long as A, B and E agree. A warp owns 16
+// weight rows and walks K in blocks of 64 (16 chunks, two instructions). Lane t reads, for rows g and
+// g+8, the 16-byte segment u(t) = (0, 2, 1, 3)[t] of the block's values (chunks 4u .. 4u+3; word i of the
+// uint4 = chunk 4u + i). Instruction s of the block maps its chunk t to chunk 4 u(t) + 2 s and its chunk
+// 4+t to chunk 4 u(t) + 2 s + 1: a = (words 2s of rows g, g+8, words 2s+1 of rows g, g+8), straight from
+// the 16-byte loads. B register j of lane (g, t = 2h + q) is then k = 4 c + 2 q + {0, 1} of chunk
+// c = 8 h + 4 (j & 1) + 2 s + (j >> 1), read from the shared-memory copy of x; the segment order u and
+// the row pitch (130 words, 2 mod 32 banks) make those 4-byte reads conflict-free.
+//
+// Metadata: converted in the kernel from the canonical meta, no second copy is stored. Instruction s
+// uses selector s, so lane t supplies metadata to instruction s = t >> 1 as supplier p = t & 1, and its
+// chunk 4 p + c' is chunk 4 u(c') + t of the block. A row's canonical meta for the block is four int16
+// W0..W3 (one 8-byte load; W_w holds chunks 4w..4w+3 at nibble c % 4), so lane t's register is nibble t
+// of W0, W2, W1, W3 (the u order) for row g in the low half and for row g+8 in the high half: two shifts,
+// two masks and one byte_perm per row. One register serves both instructions of the block.
+//
+// Grid: CTA = 4 warps = 64 weight rows x MT = 8 * NT rows of x (NT = 1, 2, 4, 8 by M) x one K split.
+// K is walked in stages of 256 (4 blocks): each warp issues its 4 blocks of 16-byte value loads and
+// 8-byte meta loads, the CTA copies the stage of x (MT x 256, zero outside [0, M) x [0, K)) to shared
+// memory with 8-byte cp.async, then the warps run 8 instructions per n-tile. Small M is bound by reading
+// the weight once: when the (n, m) tiles give fewer than kTargetCtasPerSm CTAs per SM, K is split into
+// whole stages across CTAs, as far as the fp32 workspace stays small next to the weight
+// (splits <= K / (16 M)). With one split the kernel stores out (+ bias); with several each CTA writes its
+// fp32 partial tile to the workspace [splits][M][N] and reduce_kernel sums the splits in order and adds
+// the bias (deterministic: no atomics). Larger M tiles over M through the grid's y dimension.
+// fp32 inputs: fp32_kernel, CUDA cores, one warp per (output feature, 8 rows of x), lanes stride the groups
+// of 4, fixed-order warp reduction.
+//
+// Both paths skip the pruned positions, as every sparse kernel does: a non-finite x there (0 * inf in the
+// dense reference) does not reach the output.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "common/sparse24_mm.h"
+
+namespace dllm {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+// CTAs per SM the register budget must allow: 4 (128 registers) with up to 4 n-tiles, 3 (168) with 8.
+template <int NT>
+constexpr int kMinCtasPerSm = NT == 8 ? 3 : 4;
+constexpr int kRowsPerWarp = 16;  // the instruction's m
+constexpr int kRowsPerCta = kWarps * kRowsPerWarp;
+constexpr int kBlockK = 64;  // two instructions (k = 32 each)
+constexpr int kStageBlocks = 4;
+constexpr int kStageK = kStageBlocks * kBlockK;
+constexpr int kXsPitch = kStageK / 2 + 2;  // words per row of the x stage: 2 mod 32 banks
+constexpr int kPiecesPerRow = kStageK / 4;  // 8-byte pieces of a stage row
+constexpr uint32_t kPadMeta = 0x44444444u;  // code 0b0100 = (0, 1) in every nibble: valid, for padding
+constexpr int kTargetCtasPerSm = 4;
+constexpr int64_t kMaxSplits = 64;
+constexpr int kReduceThreads = 256;
+constexpr int kF32Rows = 8;  // rows of x per warp in the fp32 kernel
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- PTX wrappers (the host emulation of tests replaces this region) ----
+template <bool kBf16, int kSel>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
+          "n"(kSel));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
+          "n"(kSel));
+  }
+}
+
+// 8 bytes global -> shared, asynchronous until cp_async_wait_all.
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// ---- end of PTX wrappers ----
+
+struct F16 {
+  static constexpr bool kBf16 = false;
+  static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+struct BF16 {
+  static constexpr bool kBf16 = true;
+  static __device__ __forceinline__ float to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+
+// Launch geometry, derived from metadata only (make_plan), shared by the workspace query and the launch.
+struct Plan {
+  int64_t n_blocks;     // CTAs along N (kRowsPerCta rows each)
+  int64_t m_tiles;      // tiles of 8 * n_tiles rows of x
+  int64_t splits;       // K splits (1: no workspace)
+  int64_t k_per_split;  // a multiple of kStageK
+  int n_tiles;          // NT: instruction n-tiles (8 rows of x each) per CTA
+  bool vec_w;           // 16-byte value loads and 8-byte meta loads (K % 64 == 0, aligned pointers)
+  bool vec_x;           // 8-byte cp.async of x (aligned rows)
+};
+
+DLLM_HD DLLM_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+DLLM_HD DLLM_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A lane's weight rows g and g+8 (nullptr past N): value pointers advanced to its segment u(t), meta
+// pointers advanced to block t of a stage.
+struct LaneRows {
+  const uint16_t* values[2];
+  const uint16_t* meta[2];
+  int64_t seg_k;  // first column of the segment within a block: 16 u(t)
+  int64_t meta_k;  // first column of the lane's meta block within a stage: 64 t
+};
+
+// Values of block kb (its 16-byte segment) for rows g, g+8; zeros past N and, in element mode, for a
+// segment at or past k_end (segments are 16 columns, k_end a multiple of 16).
+template <bool kVecW>
+__device__ __forceinline__ void load_values(const LaneRows& w, int64_t kb, int64_t k_end, uint4 (&v)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    v[i] = make_uint4(0, 0, 0, 0);
+    if (w.values[i] == nullptr) continue;
+    if constexpr (kVecW) {  // K % 64 == 0: the whole block is inside [0, K)
+      v[i] = __ldg(reinterpret_cast<const uint4*>(w.values[i] + kb / 2));
+    } else if (kb + w.seg_k < k_end) {
+      const uint16_t* src = w.values[i] + kb / 2;
+      v[i] = make_uint4(uint32_t{__ldg(src)} | uint32_t{__ldg(src + 1)} << 16,
+                        uint32_t{__ldg(src + 2)} | uint32_t{__ldg(src + 3)} << 16,
+                        uint32_t{__ldg(src + 4)} | uint32_t{__ldg(src + 5)} << 16,
+                        uint32_t{__ldg(src + 6)} | uint32_t{__ldg(src + 7)} << 16);
+    }
+  }
+}
+
+// Canonical meta of block t of the stage at ks, rows g, g+8: four int16 W0..W3 as (W0 | W1 << 16,
+// W2 | W3 << 16); code (0, 1) for words past N or past k_end.
+template <bool kVecW>
+__device__ __forceinline__ void load_meta(const LaneRows& w, int64_t ks, int64_t k_end, uint2 (&m)[2]) {
+  const int64_t kb = ks + w.meta_k;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    m[i] = make_uint2(kPadMeta, kPadMeta);
+    if (w.meta[i] == nullptr || kb >= k_end) continue;
+    if constexpr (kVecW) {
+      m[i] = __ldg(reinterpret_cast<const uint2*>(w.meta[i] + ks / 16));
+    } else {
+      uint32_t word[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) word[j] = kb + 16 * j < k_end ? uint32_t{__ldg(w.meta[i] + ks / 16 + j)} : 0x4444u;
+      m[i] = make_uint2(word[0] | word[1] << 16, word[2] | word[3] << 16);
+    }
+  }
+}
+
+// The metadata register that lane t' of the group needs for a block whose canonical meta is m: nibble t'
+// of W0, W2, W1, W3 (the segment order u), row g in the low half, row g+8 in the high half.
+__device__ __forceinline__ uint32_t meta_register(const uint2 (&m)[2], int t_reader) {
+  const int sh = 4 * t_reader;
+  const uint32_t z0 = ((m[0].x >> sh) & 0x000F000Fu) | ((m[0].y >> sh) & 0x000F000Fu) << 4;
+  const uint32_t z1 = ((m[1].x >> sh) & 0x000F000Fu) | ((m[1].y >> sh) & 0x000F000Fu) << 4;
+  return __byte_perm(z0, z1, 0x6420);
+}
+
+// Lane t holds the canonical meta of block t of the stage; returns, in e[r], the register of block t ^ r
+// for this lane (a 4 x 4 transpose within the group of 4 lanes: 3 shuffles).
+__device__ __forceinline__ void meta_transpose(const uint2 (&m)[2], int t, uint32_t (&e)[4]) {
+  e[0] = meta_register(m, t);
+#pragma unroll
+  for (int r = 1; r < 4; ++r) e[r] = __shfl_xor_sync(kFullMask, meta_register(m, t ^ r), r);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Instruction s of a block for every n-tile. xl: this lane's x words for the block (row g of n-tile 0,
+// chunk 8h, half q).
+template <class Tr, int NT, int S>
+__device__ __forceinline__ void mma_step(const uint4 (&v)[2], uint32_t e, const uint32_t* xl, float (&acc)[NT][4]) {
+  const uint32_t a[4] = {word(v[0], 2 * S), word(v[1], 2 * S), word(v[0], 2 * S + 1), word(v[1], 2 * S + 1)};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const uint32_t* xn = xl + nt * 8 * kXsPitch + 4 * S;
+    const uint32_t b[4] = {xn[0], xn[8], xn[2], xn[10]};  // chunks 8h + 2S + {0, 4, 1, 5}
+    mma_sp_16832<Tr::kBf16, S>(acc[nt], a, b, e);
+  }
+}
+
+// Copies rows [m0, m0 + MT) x columns [ks, ks + kStageK) of x to xs (kXsPitch words per row), zero
+// outside [0, M) x [0, k_end). Pieces are 4 columns (8 bytes); k_end is a multiple of 16.
+template <class Tr, int MT>
+__device__ __forceinline__ void stage_x(const DllmSparse24Params& p, bool vec_x, int64_t m0, int64_t ks,
+                                        int64_t k_end, uint32_t* xs) {
+  const auto* x = static_cast<const uint16_t*>(p.x);
+  for (int i = threadIdx.x; i < MT * kPiecesPerRow; i += kThreads) {
+    const int row = i / kPiecesPerRow, piece = i % kPiecesPerRow;
+    const int64_t m = m0 + row, k = ks + 4 * piece;
+    uint32_t* dst = xs + row * kXsPitch + 2 * piece;
+    if (m < p.m && k < k_end) {
+      const uint16_t* src = x + m * p.x_stride + k;
+      if (vec_x) {
+        cp_async8(dst, src);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(uint32_t{__ldg(src)} | uint32_t{__ldg(src + 1)} << 16,
+                                                    uint32_t{__ldg(src + 2)} | uint32_t{__ldg(src + 3)} << 16);
+      }
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(0, 0);
+    }
+  }
+}
+
+// Grid: (n_blocks, min(m_tiles, 65535), splits); CTA (n, m-tile, split) covers weight rows
+// [64 n, 64 n + 64), rows of x [MT m, MT m + MT) and columns [split * k_per_split, ...) of K.
+template <class Tr, int NT, bool kVecW>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<NT>)
+    mma_kernel(const DllmSparse24Params p, const Plan plan, float* __restrict__ partial) {
+  constexpr int MT = 8 * NT;
+  __shared__ __align__(16) uint32_t xs[MT * kXsPitch];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + warp * kRowsPerWarp;
+  const bool active = n0 < p.n;  // warp-uniform: the instruction needs the whole warp
+  const int64_t split = blockIdx.z;
+  const int64_t k_begin = split * plan.k_per_split;
+  const int64_t k_end = min_i64(p.k, k_begin + plan.k_per_split);
+
+  LaneRows w;
+  w.seg_k = 16 * ((t & 1) << 1 | t >> 1);
+  w.meta_k = kBlockK * t;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t n = n0 + g + 8 * i;
+    w.values[i] = n < p.n ? static_cast<const uint16_t*>(p.values) + n * (p.k / 2) + w.seg_k / 2 : nullptr;
+    w.meta[i] = n < p.n ? reinterpret_cast<const uint16_t*>(p.meta) + n * (p.k / 16) + w.meta_k / 16 : nullptr;
+  }
+  // This lane's B words within a block of the stage: row g, chunk 8h, half q.
+  const uint32_t* xl = xs + g * kXsPitch + 16 * (t >> 1) + (t & 1);
+
+  for (int64_t mt = blockIdx.y; mt < plan.m_tiles; mt += gridDim.y) {
+    const int64_t m0 = mt * MT;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    for (int64_t ks = k_begin; ks < k_end; ks += kStageK) {
+      const int blocks = static_cast<int>(min_i64(kStageBlocks, ceil_div(k_end - ks, kBlockK)));
+      uint4 v[kStageBlocks][2];
+      uint2 m[2];
+      if (active) {  // the weight loads fly while x is staged
+#pragma unroll
+        for (int b = 0; b < kStageBlocks; ++b)
+          if (b < blocks) load_values<kVecW>(w, ks + b * kBlockK, k_end, v[b]);
+        load_meta<kVecW>(w, ks, k_end, m);
+      }
+      __syncthreads();  // every warp is done with the previous stage of x
+      stage_x<Tr, MT>(p, plan.vec_x, m0, ks, k_end, xs);
+      cp_async_wait_all();
+      __syncthreads();
+      if (active) {
+        uint32_t e[4];
+        meta_transpose(m, t, e);
+#pragma unroll
+        for (int b = 0; b < kStageBlocks; ++b) {
+          if (b < blocks) {
+            const int r = t ^ b;
+            const uint32_t eb = r == 0 ? e[0] : r == 1 ? e[1] : r == 2 ? e[2] : e[3];
+            mma_step<Tr, NT, 0>(v[b], eb, xl + b * (kBlockK / 2), acc);
+            mma_step<Tr, NT, 1>(v[b], eb, xl + b * (kBlockK / 2), acc);
+          }
+        }
+      }
+    }
+
+    if (!active) continue;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t n = n0 + g + 8 * i;
+      if (n >= p.n) continue;
+      const bool add_bias = plan.splits == 1 && p.bias != nullptr;
+      const float bias = add_bias ? Tr::to_float(static_cast<const uint16_t*>(p.bias)[n]) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int64_t m = m0 + nt * 8 + 2 * t + j;
+          if (m >= p.m) continue;
+          const float v = acc[nt][2 * i + j];
+          if (plan.splits == 1) {
+            static_cast<uint16_t*>(p.out)[m * p.n + n] = Tr::from_float(add_bias ? v + bias : v);
+          } else {
+            partial[(split * p.m + m) * p.n + n] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+// out = sum of the splits' partials in split order (+ bias), one element per thread, grid-stride.
+template <class Tr>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_kernel(const DllmSparse24Params p, int64_t splits, const float* __restrict__ partial) {
+  const int64_t total = p.m * p.n;
+  const auto* bias = static_cast<const uint16_t*>(p.bias);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kReduceThreads) {
+    float s = partial[i];
+    for (int64_t sp = 1; sp < splits; ++sp) s += partial[sp * total + i];
+    if (bias != nullptr) s += Tr::to_float(bias[i % p.n]);
+    static_cast<uint16_t*>(p.out)[i] = Tr::from_float(s);
+  }
+}
+
+// fp32: one warp per (output feature n, 8 rows of x); lane l takes the groups l, l + 32, ... of row n.
+__global__ void __launch_bounds__(kThreads) fp32_kernel(const DllmSparse24Params p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t m_tiles = ceil_div(p.m, kF32Rows), items = p.n * m_tiles, groups = p.k / 4;
+  const auto* values = static_cast<const float*>(p.values);
+  const auto* meta = reinterpret_cast<const uint16_t*>(p.meta);
+  const auto* x = static_cast<const float*>(p.x);
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; item < items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t n = item % p.n, m0 = item / p.n * kF32Rows;
+    const int rows = static_cast<int>(min_i64(kF32Rows, p.m - m0));
+    const float* vrow = values + n * (p.k / 2);
+    const uint16_t* mrow = meta + n * (p.k / 16);
+    const float* xr = x + m0 * p.x_stride;
+    float acc[kF32Rows];
+#pragma unroll
+    for (int r = 0; r < kF32Rows; ++r) acc[r] = 0.f;
+    for (int64_t q = lane; q < groups; q += 32) {
+      const float v0 = vrow[2 * q], v1 = vrow[2 * q + 1];
+      const uint32_t code = uint32_t{mrow[q / 4]} >> (4 * (q % 4)) & 0xFu;
+      const int64_t k0 = 4 * q + (code & 3u), k1 = 4 * q + (code >> 2);
+#pragma unroll
+      for (int r = 0; r < kF32Rows; ++r)
+        if (r < rows) acc[r] = fmaf(v1, xr[r * p.x_stride + k1], fmaf(v0, xr[r * p.x_stride + k0], acc[r]));
+    }
+    const float bias = p.bias != nullptr ? static_cast<const float*>(p.bias)[n] : 0.f;
+#pragma unroll
+    for (int r = 0; r < kF32Rows; ++r) {
+#pragma unroll
+      for (int d = 16; d > 0; d /= 2) acc[r] += __shfl_xor_sync(kFullMask, acc[r], d);
+      if (lane == r && r < rows)
+        static_cast<float*>(p.out)[(m0 + r) * p.n + n] = p.bias != nullptr ? acc[r] + bias : acc[r];
+    }
+  }
+}
+
+int grid_size(int64_t blocks) { return static_cast<int>(blocks < INT_MAX ? blocks : INT_MAX); }
+
+// Multiprocessor count of the current device, cached per device (the query is not free).
+cudaError_t sm_count(int* out) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev)) return err;
+  *out = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (*out > 0) return cudaSuccess;
+  if (const cudaError_t err = cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, dev)) return err;
+  if (dev < kMaxDevices) cache[dev].store(*out, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// Split K only when the (n, m) tiles give fewer than kTargetCtasPerSm CTAs per SM, into whole stages,
+// and at most K / (16 M) ways: the workspace (written and read once, 8 * splits * M * N bytes) then stays
+// under about half of the weight's bytes (9/8 * N * K).
+Plan make_plan(const DllmSparse24Params& p, int sms) {
+  Plan plan{};
+  plan.n_tiles = p.m <= 8 ? 1 : p.m <= 16 ? 2 : p.m <= 32 ? 4 : 8;
+  plan.m_tiles = ceil_div(p.m, 8 * plan.n_tiles);
+  plan.n_blocks = ceil_div(p.n, kRowsPerCta);
+  const int64_t stages = ceil_div(p.k, kStageK);
+  const int64_t ctas = plan.n_blocks * plan.m_tiles;
+  const int64_t target = static_cast<int64_t>(kTargetCtasPerSm) * sms;
+  int64_t splits = 1;
+  if (ctas < target && stages > 1) {
+    const int64_t workspace_cap = std::max<int64_t>(1, p.k / (16 * p.m));
+    splits = std::min({ceil_div(target, ctas), workspace_cap, stages, kMaxSplits});
+  }
+  const int64_t stages_per_split = std::max<int64_t>(1, ceil_div(stages, splits));
+  plan.k_per_split = stages_per_split * kStageK;
+  plan.splits = std::max<int64_t>(1, ceil_div(stages, stages_per_split));  // no split left empty
+  plan.vec_w = p.k % kBlockK == 0 && reinterpret_cast<uintptr_t>(p.values) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(p.meta) % 8 == 0;
+  plan.vec_x = reinterpret_cast<uintptr_t>(p.x) % 8 == 0 && p.x_stride % 4 == 0;
+  return plan;
+}
+
+template <class Tr, int NT>
+cudaError_t launch_mma(const DllmSparse24Params& p, const Plan& plan, float* partial, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.n_blocks), static_cast<unsigned>(min_i64(plan.m_tiles, 65535)),
+                  static_cast<unsigned>(plan.splits));
+  if (plan.vec_w) {
+    mma_kernel<Tr, NT, true><<<grid, kThreads, 0, stream>>>(p, plan, partial);
+  } else {
+    mma_kernel<Tr, NT, false><<<grid, kThreads, 0, stream>>>(p, plan, partial);
+  }
+  return cudaGetLastError();
+}
+
+template <class Tr>
+cudaError_t launch_typed(const DllmSparse24Params& p, const Plan& plan, float* partial, int sms,
+                         cudaStream_t stream) {
+  cudaError_t err;
+  switch (plan.n_tiles) {
+    case 1:
+      err = launch_mma<Tr, 1>(p, plan, partial, stream);
+      break;
+    case 2:
+      err = launch_mma<Tr, 2>(p, plan, partial, stream);
+      break;
+    case 4:
+      err = launch_mma<Tr, 4>(p, plan, partial, stream);
+      break;
+    default:
+      err = launch_mma<Tr, 8>(p, plan, partial, stream);
+      break;
+  }
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  const int64_t blocks = min_i64(ceil_div(p.m * p.n, kReduceThreads), static_cast<int64_t>(8) * sms);
+  reduce_kernel<Tr><<<grid_size(blocks), kReduceThreads, 0, stream>>>(p, plan.splits, partial);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace dllm
+
+extern "C" size_t dllm_sparse24_mm_cuda_workspace(const DllmSparse24Params* params) {
+  using namespace dllm;
+  const DllmSparse24Params& p = *params;
+  int sms = 0;
+  if (p.dtype == DLLM_FLOAT32 || p.m <= 0 || p.n <= 0 || p.k < 0 || sm_count(&sms) != cudaSuccess) return 0;
+  const Plan plan = make_plan(p, sms);
+  return plan.splits > 1 ? static_cast<size_t>(plan.splits * p.m * p.n) * sizeof(float) : 0;
+}
+
+extern "C" int dllm_sparse24_mm_cuda(const DllmSparse24Params* params, void* workspace, cudaStream_t stream) {
+  using namespace dllm;
+  const DllmSparse24Params& p = *params;
+  if (p.m < 0 || p.n < 0 || p.k < 0 || p.k % 16 != 0 || p.x_dtype != p.dtype) return cudaErrorInvalidValue;
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  int sms = 0;
+  if (const cudaError_t err = sm_count(&sms)) return err;
+  if (p.dtype == DLLM_FLOAT32) {
+    const int64_t blocks = min_i64(ceil_div(p.n * ceil_div(p.m, kF32Rows), kWarps), static_cast<int64_t>(64) * sms);
+    fp32_kernel<<<grid_size(blocks), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  const Plan plan = make_plan(p, sms);
+  if (plan.n_blocks > INT_MAX) return cudaErrorInvalidValue;
+  if (plan.splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  float* partial = static_cast<float*>(workspace);
+  switch (p.dtype) {
+    case DLLM_FLOAT16:
+      return launch_typed<F16>(p, plan, partial, sms, stream);
+    case DLLM_BFLOAT16:
+      return launch_typed<BF16>(p, plan, partial, sms, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
