@@ -13,11 +13,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
 #include "common/logits_to_confidence.h"
+#include "cuda/launch.cuh"
 
 namespace dllm {
 namespace {
@@ -70,7 +70,6 @@ struct Plan {
 };
 
 DLLM_HD DLLM_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-DLLM_HD DLLM_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct RowCtx {
   ConfConsts k;
@@ -330,22 +329,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
-int grid_size(int64_t blocks) { return static_cast<int>(blocks < INT_MAX ? blocks : INT_MAX); }
-
 int64_t group_width(int dtype) { return dtype == DLLM_FLOAT32 ? F32::kWidth : BF16::kWidth; }
-
-// Multiprocessor count of the current device, cached per device (the query is not free).
-cudaError_t sm_count(int* out) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (const cudaError_t err = cudaGetDevice(&dev)) return err;
-  *out = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (*out > 0) return cudaSuccess;
-  if (const cudaError_t err = cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, dev)) return err;
-  if (dev < kMaxDevices) cache[dev].store(*out, std::memory_order_relaxed);
-  return cudaSuccess;
-}
 
 // Split a row only when rows alone give fewer than kTargetCtasPerSm CTAs per SM, into chunks of at
 // least kMinChunkGroups groups; banned ids cap a chunk at what the shared bitmap covers.

@@ -55,11 +55,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
 #include "common/sparse24_mm.h"
+#include "cuda/launch.cuh"
 
 namespace dllm {
 namespace {
@@ -138,7 +138,6 @@ struct Plan {
 };
 
 DLLM_HD DLLM_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-DLLM_HD DLLM_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A lane's weight rows g and g+8 (nullptr past N): value pointers advanced to its segment u(t), meta
 // pointers advanced to block t of a stage.
@@ -383,21 +382,6 @@ __global__ void __launch_bounds__(kThreads) fp32_kernel(const DllmSparse24Params
         static_cast<float*>(p.out)[(m0 + r) * p.n + n] = p.bias != nullptr ? acc[r] + bias : acc[r];
     }
   }
-}
-
-int grid_size(int64_t blocks) { return static_cast<int>(blocks < INT_MAX ? blocks : INT_MAX); }
-
-// Multiprocessor count of the current device, cached per device (the query is not free).
-cudaError_t sm_count(int* out) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (const cudaError_t err = cudaGetDevice(&dev)) return err;
-  *out = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (*out > 0) return cudaSuccess;
-  if (const cudaError_t err = cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, dev)) return err;
-  if (dev < kMaxDevices) cache[dev].store(*out, std::memory_order_relaxed);
-  return cudaSuccess;
 }
 
 // Split K only when the (n, m) tiles give fewer than kTargetCtasPerSm CTAs per SM, into whole stages,
