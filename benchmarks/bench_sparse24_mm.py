@@ -60,6 +60,7 @@ def make_case(device, m, n, k, dtype):
         ],
         baselines=baselines,
         baseline_bytes=baseline_bytes,
+        baseline_flops={"read dense weight": None},
     )
 
 

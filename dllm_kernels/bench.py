@@ -38,6 +38,7 @@ class Case:
     baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
     baseline_bytes: dict[str, int] = field(default_factory=dict)  # where a baseline moves other bytes
     flops: int | None = None
+    baseline_flops: dict[str, int | None] = field(default_factory=dict)  # None: a baseline that only reads
     cuda_graph: bool = False  # on CUDA, time the backends as a replay of one captured call
 
 
@@ -120,7 +121,8 @@ def measure(
 ) -> list[Result]:
     def result(impl, kind, ms):
         gbps = case.baseline_bytes.get(impl, case.bytes) / (ms * 1e-3) / 1e9
-        tflops = case.flops / (ms * 1e-3) / 1e12 if case.flops else None
+        flops = case.baseline_flops.get(impl, case.flops)
+        tflops = flops / (ms * 1e-3) / 1e12 if flops else None
         return Result(case.op, case.label, impl, kind, ms, gbps, tflops)
 
     results = []
