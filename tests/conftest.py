@@ -31,6 +31,21 @@ def _seed(request):
     torch.manual_seed(request.config.getoption("--seed") ^ zlib.crc32(request.node.nodeid.encode()))
 
 
+_SUMMARIES: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def summary():
+    """``summary(title, text)``: text printed at the end of the run (the CI log keeps it)."""
+    return lambda title, text: _SUMMARIES.append((title, text))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for title, text in _SUMMARIES:
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)
+
+
 def pytest_collection_modifyitems(config, items):
     gpu = pytest.mark.gpu
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -265,11 +265,11 @@ def _compile_all(tmp):
         return json.load(f)
 
 
-def test_every_kernel_compiles_for_sm90_without_spills():
+def test_every_kernel_compiles_for_sm90_without_spills(summary):
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
     with tempfile.TemporaryDirectory() as tmp:
         rows = _compile_all(tmp)
-    print("\nsm_90 register / spill report\n" + _table(rows))
+    summary("Triton kernels compiled for sm_90: registers and spills", _table(rows))
     assert {r["kernel"] for r in rows} == {
         "_scan_kernel",
         "_merge_kernel",
