@@ -1,5 +1,5 @@
 # make bench: check every op against its reference here, then print the speed table.
-# make test:  lint, the nvcc compile check of the CUDA kernels, then the whole test suite.
+# make test:  lint, the nvcc compile check of the CUDA kernels and their torch bindings, then the tests.
 # Both create .venv with the pinned requirements and build the extension first when needed.
 # On a machine whose Python already has (CUDA) torch and no internet, use that interpreter and
 # install no dependencies:  make test PYTHON=python3 VENV=
@@ -22,9 +22,9 @@ export DLLM_REQUIRE_EXTENSION := 1
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 STAMP := build/.installed-$(subst /,_,$(PY))
 
-.PHONY: test bench build lint cuda-check clean
+.PHONY: test bench build lint cuda-check bindings-check clean
 
-test: lint cuda-check build
+test: lint cuda-check build bindings-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: build
@@ -55,6 +55,21 @@ cuda-check:
 	  cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null && \
 	  cmake --build build/cmake; \
 	else echo "cuda-check: skipped (nvcc or cmake not found)"; fi
+
+# The CUDA branches of the torch bindings, which a CPU torch cannot build: syntax-checked against torch's
+# and CUDA's headers (the one c10 header a CPU wheel lacks, its CMake-generated config, is stubbed).
+# nvcc names its own include folder; a CUDA torch builds the real bindings, so this is for CPU torch only.
+CUDA_INCLUDE := $(shell nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.* INCLUDES="-I\([^"]*\)".*/\1/p')
+bindings-check: build
+	@if [ -f "$(CUDA_INCLUDE)/cuda_runtime_api.h" ] && $(PY) -c "import torch, sys; sys.exit(bool(torch.version.cuda))"; then \
+	  mkdir -p build/stub/c10/cuda/impl && echo '#pragma once' >build/stub/c10/cuda/impl/cuda_cmake_macros.h; \
+	  flags=$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as e; \
+	    print(' '.join('-I' + p for p in [*e.include_paths(), sysconfig.get_paths()['include']]))") && \
+	  for f in csrc/torch/*.cpp; do \
+	    $(CXX) -std=c++20 -fsyntax-only -DDLLM_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -Icsrc -Ibuild/stub \
+	      $$flags -I$(CUDA_INCLUDE) $$f || exit 1; \
+	  done; echo "bindings-check: the CUDA bindings compile"; \
+	else echo "bindings-check: skipped (no CUDA headers)"; fi
 
 clean:
 	rm -rf build dllm_kernels/_C*.so *.egg-info
