@@ -16,36 +16,18 @@ import torch
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
 
+# The options of logits_to_confidence; every other option of a step goes to select_unmask.
+_CONFIDENCE_OPTIONS = ("temperature", "score", "tempered_score", "banned", "seed", "offset")
 
-def _step(
-    logits,
-    x,
-    eligible,
-    *,
-    shift=False,
-    temperature=0.0,
-    score="prob",
-    tempered_score=False,
-    banned=None,
-    seed=0,
-    offset=0,
-    **selection,
-):
+
+def _step(logits, x, eligible, *, shift=False, **options):
     if shift:  # position j is predicted by the logits of position j - 1 (Dream, Fast-dLLM v2)
         logits, x_view, eligible = logits[:, :-1], x[:, 1:], eligible[:, 1:]
     else:
         x_view = x
-    token, confidence = logits_to_confidence(
-        logits,
-        eligible,
-        temperature=temperature,
-        score=score,
-        tempered_score=tempered_score,
-        banned=banned,
-        seed=seed,
-        offset=offset,
-    )
-    selected, count = select_unmask(confidence, eligible, token=token, x=x_view, **selection)
+    confidence_options = {name: options.pop(name) for name in _CONFIDENCE_OPTIONS if name in options}
+    token, confidence = logits_to_confidence(logits, eligible, **confidence_options)
+    selected, count = select_unmask(confidence, eligible, token=token, x=x_view, **options)
     if shift:
         selected = torch.nn.functional.pad(selected, (1, 0))
     return x, selected, count

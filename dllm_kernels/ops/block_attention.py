@@ -165,20 +165,8 @@ def _impl(*args, **kwargs):
 _registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
 
 
-@dispatcher.register("reference")
-def _reference(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
-    return reference.block_attention(
-        q,
-        k_cache,
-        v_cache,
-        q_start,
-        kv_len,
-        k_new=k_new,
-        v_new=v_new,
-        block_size=block_size,
-        scale=scale,
-        return_lse=return_lse,
-    )
+# The reference takes the schema's arguments in order.
+dispatcher.register("reference")(reference.block_attention)
 
 
 def _visible_runs(q_start: int, n_queries: int, kv_len: int, block_size: int):

@@ -147,20 +147,8 @@ def _impl(*args, **kwargs):
 _registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
 
 
-@dispatcher.register("reference")
-def _reference(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
-    return reference.select_unmask(
-        score,
-        eligible,
-        policy=policy,
-        k=k,
-        threshold=threshold,
-        inclusive=inclusive,
-        factor=factor,
-        min_per_row=min_per_row,
-        token=token,
-        x=x,
-    )
+# The reference takes the schema's arguments in order.
+dispatcher.register("reference")(reference.select_unmask)
 
 
 def _compiled(backend):

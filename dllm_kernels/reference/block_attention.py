@@ -30,7 +30,6 @@ def block_attention(
     v_cache: torch.Tensor,
     q_start: torch.Tensor,
     kv_len: torch.Tensor,
-    *,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     block_size: int = 0,

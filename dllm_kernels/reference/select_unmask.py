@@ -22,7 +22,6 @@ import torch
 def select_unmask(
     score: torch.Tensor,
     eligible: torch.Tensor,
-    *,
     policy: str = "topk",
     k: torch.Tensor | None = None,
     threshold: float = 0.9,
