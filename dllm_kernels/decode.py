@@ -11,13 +11,19 @@ Where a framework samples (temperature > 0) the tokens follow the same distribut
 this library's counter-based generator (``seed``, ``offset``), not from ``torch.rand``.
 """
 
+import inspect
+
 import torch
 
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
 
-# The options of logits_to_confidence; every other option of a step goes to select_unmask.
-_CONFIDENCE_OPTIONS = ("temperature", "score", "tempered_score", "banned", "seed", "offset")
+# The keyword options of logits_to_confidence; every other option of a step goes to select_unmask.
+_CONFIDENCE_OPTIONS = tuple(
+    name
+    for name, parameter in inspect.signature(logits_to_confidence).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 def _step(logits, x, eligible, *, shift=False, **options):

@@ -2,7 +2,10 @@
 
 import torch
 
+from .ops._common import FLOAT_DTYPES, OpError, describe
 from .ops.sparse24 import compress_24, prune_24, sparse24_mm
+
+_err = OpError("Sparse24Linear")
 
 
 class Sparse24Linear(torch.nn.Module):
@@ -16,8 +19,15 @@ class Sparse24Linear(torch.nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=None, device=None):
         super().__init__()
-        if in_features % 16:
-            raise ValueError(f"dllm::Sparse24Linear: in_features must be a multiple of 16; got {in_features}")
+        if in_features < 0 or in_features % 16 or out_features < 0:
+            _err(
+                "in_features must be a multiple of 16 and out_features >= 0; "
+                f"got in_features={in_features}, out_features={out_features}",
+                ValueError,
+            )
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            _err(f"dtype must be {names}; got {dtype}", TypeError)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer(
             "values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device)
@@ -33,6 +43,8 @@ class Sparse24Linear(torch.nn.Module):
     def from_linear(
         cls, linear: torch.nn.Linear, mask: torch.Tensor | None = None, score: torch.Tensor | None = None
     ) -> "Sparse24Linear":
+        if not isinstance(linear, torch.nn.Linear):
+            _err(f"from_linear takes a torch.nn.Linear; got {describe(linear)}", TypeError)
         weight = linear.weight.detach()
         module = cls(
             linear.in_features,

@@ -18,6 +18,7 @@ fp32 CUTLASS format is 1:2 on pairs, not 2:4.
 
 import torch
 
+from .ops._common import OpError, describe
 from .ops.sparse24 import armor_linear, compress_24, decompress_24, prune_24, sparse24_mm
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 _TORCH_DTYPES = (torch.float16, torch.bfloat16)
+_to_err = OpError("to_torch_semi_structured")
+_from_err = OpError("from_torch_semi_structured")
 
 
 def _cutlass_class():
@@ -50,18 +53,19 @@ def _scatter_offsets(n: int, meta_cols: int, device: torch.device) -> torch.Tens
     return _calculate_meta_reordering_scatter_offsets(n, meta_cols, torch.int16, device)
 
 
-def _check_shape(n: int, k: int, dtype: torch.dtype, what: str):
+def _check_shape(err: OpError, n: int, k: int, dtype: torch.dtype):
     if dtype not in _TORCH_DTYPES:
-        raise TypeError(
-            f"dllm.sparse24.{what}: PyTorch's CUTLASS 2:4 format takes float16 / bfloat16; got "
-            f"{str(dtype).removeprefix('torch.')} (its float32 format is 1:2, not 2:4)"
+        name = str(dtype).removeprefix("torch.")
+        err(
+            f"PyTorch's CUTLASS 2:4 format takes float16 / bfloat16; got {name} (its float32 is 1:2)",
+            TypeError,
         )
     limits = _cutlass_class()._DTYPE_SHAPE_CONSTRAINTS[dtype]
     rows, cols = limits.sparse_min_rows, limits.sparse_min_cols
     if n < rows or n % rows or k < cols or k % cols:
-        raise RuntimeError(
-            f"dllm.sparse24.{what}: PyTorch's CUTLASS 2:4 format needs N a multiple of {rows} and K a "
-            f"multiple of {cols}; got a [{n}, {k}] weight"
+        err(
+            f"PyTorch's CUTLASS 2:4 format needs N a multiple of {rows} and K a multiple of {cols}; "
+            f"got a [{n}, {k}] weight"
         )
 
 
@@ -70,16 +74,15 @@ def to_torch_semi_structured(values: torch.Tensor, meta: torch.Tensor, *, requir
     ``(values [N, K/2], meta int16 [N, K/16])`` (fp16 / bf16; N a multiple of 32, K of 64, as PyTorch
     requires). Its ``packed`` is ``values`` itself (no copy when contiguous), its ``meta`` our meta in
     CUTLASS's order. The tensor can be built on any device; PyTorch's sparse GEMM runs it on CUDA sm8x."""
-    n, half = values.shape if values.dim() == 2 else (None, None)
-    if n is None or meta.dim() != 2 or meta.dtype != torch.int16 or tuple(meta.shape) != (n, half // 8):
-        raise RuntimeError(
-            "dllm.sparse24.to_torch_semi_structured: expected values [N, K/2] and int16 meta [N, K/16]; got "
-            f"values {list(values.shape)}, meta {list(meta.shape)} {meta.dtype}"
-        )
-    if meta.device != values.device:
-        raise RuntimeError("dllm.sparse24.to_torch_semi_structured: values and meta must share a device")
+    for name, t in (("values", values), ("meta", meta)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            _to_err(f"{name} must be a 2-dim tensor; got {describe(t)}")
+    _to_err.dtype("meta", meta, (torch.int16,))
+    n, half = values.shape
+    _to_err.shape("meta", meta, (n, half // 8), " ([N, K/16] for values [N, K/2])")
+    _to_err.same_device("meta", meta, "values", values)
     k = 2 * half
-    _check_shape(n, k, values.dtype, "to_torch_semi_structured")
+    _check_shape(_to_err, n, k, values.dtype)
     reordered = meta.new_empty(n * (k // 16))
     reordered.scatter_(0, _scatter_offsets(n, k // 16, meta.device), meta.reshape(-1))
     return _cutlass_class()(
@@ -97,22 +100,20 @@ def from_torch_semi_structured(tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [N, K/2], meta int16 [N, K/16])`` of a PyTorch CUTLASS semi-structured tensor (fp16 /
     bf16): its ``packed`` values and its ``meta`` gathered back from CUTLASS's order into ours. A
     cuSPARSELt tensor keeps an opaque buffer and cannot be read back."""
-    cls = _cutlass_class()
-    if not isinstance(tensor, cls):
-        raise TypeError(
-            "dllm.sparse24.from_torch_semi_structured: expected a SparseSemiStructuredTensorCUTLASS; got "
-            f"{type(tensor).__name__} (cuSPARSELt tensors hold an opaque buffer; build with "
-            "SparseSemiStructuredTensor._FORCE_CUTLASS = True)"
+    if not isinstance(tensor, _cutlass_class()):
+        _from_err(
+            f"expected a SparseSemiStructuredTensorCUTLASS; got {type(tensor).__name__} (cuSPARSELt tensors "
+            "hold an opaque buffer; build with SparseSemiStructuredTensor._FORCE_CUTLASS = True)",
+            TypeError,
         )
     packed, meta = tensor.packed, tensor.meta
     n, k = tensor.shape
-    if packed is None or meta is None or meta.dim() != 2 or tuple(meta.shape) != (n, k // 16):
-        raise RuntimeError(
-            "dllm.sparse24.from_torch_semi_structured: the tensor holds no [N, K/16] meta of the "
-            "weight itself (a transposed-only or tile-pruned tensor); got meta "
-            f"{None if meta is None else list(meta.shape)} for shape {list(tensor.shape)}"
+    _check_shape(_from_err, n, k, tensor.dtype)
+    if packed is None or meta is None or meta.dtype != torch.int16 or tuple(meta.shape) != (n, k // 16):
+        _from_err(
+            "the tensor holds no int16 [N, K/16] meta of the weight itself (a transposed-only or "
+            f"tile-pruned tensor); got meta {describe(meta)} for shape {list(tensor.shape)}"
         )
-    _check_shape(n, k, packed.dtype, "from_torch_semi_structured")
     offsets = _scatter_offsets(n, k // 16, meta.device)
     ours = meta.reshape(-1).gather(0, offsets).view(n, k // 16)
     return packed.contiguous(), ours

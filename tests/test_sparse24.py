@@ -106,8 +106,40 @@ def test_sparse24_linear_module_round_trips():
     clone.load_state_dict(module.state_dict())
     assert torch.equal(clone(x), module(x))
     assert set(module.state_dict()) == {"values", "meta", "bias"}
-    no_bias = Sparse24Linear.from_linear(torch.nn.Linear(32, 16, bias=False), score=torch.rand(16, 32))
-    assert no_bias.bias is None and no_bias(torch.randn(2, 32)).shape == (2, 16)
+    # a score (or a mask) picks the kept pattern instead of |w|
+    plain = torch.nn.Linear(32, 16, bias=False)
+    score = torch.rand(16, 32)
+    no_bias = Sparse24Linear.from_linear(plain, score=score)
+    kept = dllm_kernels.prune_24(plain.weight.detach(), score)
+    assert no_bias.bias is None and not torch.equal(kept, dllm_kernels.prune_24(plain.weight.detach()))
+    x = torch.randn(2, 32)
+    assert_close(no_bias(x), x @ (plain.weight.detach() * kept).T)
+    by_mask = Sparse24Linear.from_linear(plain, mask=kept)
+    assert torch.equal(by_mask.values, no_bias.values) and torch.equal(by_mask.meta, no_bias.meta)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_empty_k_gives_bias(backend):
+    """K = 0: an empty sum, so the output is the bias (or 0), never uninitialised memory."""
+    x, bias = torch.randn(3, 0), torch.randn(5)
+    values, meta = torch.empty(5, 0), torch.empty(5, 0, dtype=torch.int16)
+    reason = dispatchers["sparse24_mm"].why_not(backend, x.device, x, values, meta, bias, explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
+    with use_backend(backend):
+        assert torch.equal(dllm_kernels.sparse24_mm(x, values, meta, bias), bias.expand(3, 5))
+        assert torch.equal(dllm_kernels.sparse24_mm(x, values, meta), torch.zeros(3, 5))
+
+
+def test_sparse24_linear_errors():
+    with pytest.raises(ValueError, match=r"^dllm::Sparse24Linear: in_features must be a multiple of 16"):
+        Sparse24Linear(24, 8)
+    with pytest.raises(TypeError, match=r"^dllm::Sparse24Linear: dtype must be .*; got torch.float64"):
+        Sparse24Linear(16, 8, dtype=torch.float64)
+    with pytest.raises(
+        TypeError, match=r"^dllm::Sparse24Linear: from_linear takes a torch.nn.Linear; got Conv1d"
+    ):
+        Sparse24Linear.from_linear(torch.nn.Conv1d(16, 8, 1))
 
 
 def test_opcheck_and_compile():
@@ -151,6 +183,7 @@ def _bad_calls():
             ValueError,
             "row 1, group 1 (columns 4..7) keeps 3",
         ),
+        "score dtype": ("prune_24", (w, torch.ones(8, 32, dtype=torch.int32)), TypeError, "score must be"),
         "meta dtype": ("decompress_24", (v, meta.int()), TypeError, "meta must be int16; got int32"),
         "meta shape": ("decompress_24", (v, meta[:, :1]), RuntimeError, "meta must have shape [8, 2]"),
         "x last dim": (

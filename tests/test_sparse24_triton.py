@@ -143,7 +143,7 @@ def test_empty_and_k0(kernels):
 def test_launch_rule_fills_an_h200_at_decode(kernels, monkeypatch, dtype):
     """Metadata only: decode products of 7B-class layers give each of 132 SMs two or more programs (one
     for a 1024-row GQA projection); each split is whole K tiles, non-empty; prefill-sized M does not split."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(kernels, "num_sms", lambda device: 132)
     cuda = torch.device("cuda")
     for m in (1, 4, 16):
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096)):
@@ -215,18 +215,26 @@ def test_public_module_reexports_the_ops():
 
 @pytest.mark.filterwarnings(PROTOTYPE)
 def test_bridge_errors():
+    def raises(exc, op, fragment):
+        return pytest.raises(exc, match=f"^dllm::{op}: .*{fragment}")
+
+    to, back = "to_torch_semi_structured", "from_torch_semi_structured"
     values, meta = pruned(64, 128, torch.float32, "cpu")
-    with pytest.raises(TypeError, match="1:2, not 2:4"):
+    with raises(TypeError, to, "float16 / bfloat16; got float32 \\(its float32 is 1:2\\)"):
         s24.to_torch_semi_structured(values, meta)
     values, meta = pruned(48, 128, torch.float16, "cpu")
-    with pytest.raises(RuntimeError, match="N a multiple of 32 and K a multiple of 64"):
+    with raises(RuntimeError, to, "N a multiple of 32 and K a multiple of 64; got a \\[48, 128\\] weight"):
         s24.to_torch_semi_structured(values, meta)
     values, meta = pruned(64, 32, torch.float16, "cpu")
-    with pytest.raises(RuntimeError, match="got a \\[64, 32\\] weight"):
+    with raises(RuntimeError, to, "got a \\[64, 32\\] weight"):
         s24.to_torch_semi_structured(values, meta)
-    with pytest.raises(RuntimeError, match="int16 meta"):
+    with raises(TypeError, to, "meta must be int16; got int32"):
         s24.to_torch_semi_structured(values, meta.int())
-    with pytest.raises(TypeError, match="SparseSemiStructuredTensorCUTLASS"):
+    with raises(RuntimeError, to, "meta must have shape \\[64, 2\\]"):
+        s24.to_torch_semi_structured(values, meta[:, :1])
+    with raises(RuntimeError, to, "values must be a 2-dim tensor; got list"):
+        s24.to_torch_semi_structured([1.0], meta)
+    with raises(TypeError, back, "SparseSemiStructuredTensorCUTLASS; got Tensor"):
         s24.from_torch_semi_structured(torch.randn(32, 64))
 
 

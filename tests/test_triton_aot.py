@@ -78,7 +78,9 @@ def _attention_cases(ba):
                 )
             types = {"ws_o": "*fp32", "ws_lse": "*fp32", "o_ptr": "*" + name, "lse_ptr": "*fp32"}
             types |= {n: "i32" for n in ("n_queries", "n_kv_heads", "n_splits")}
-            constexprs = dict(GROUP=7, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=ba._MERGE_ROWS)
+            constexprs = dict(
+                GROUP=7, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=ba._MERGE_ROWS, UPCAST=False
+            )
             cases.append((ba._merge_kernel, f"D{head_dim} {name}", types, constexprs, dict(num_warps=4)))
             types = {n: "*" + name for n in ("k_new", "v_new", "k_cache", "v_cache")}
             types["q_start_ptr"] = "*i32"

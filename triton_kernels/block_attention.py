@@ -30,16 +30,16 @@ in FlashAttention; fp32 inputs use input_precision="ieee". The interpreter's bf1
 wrong, so on CPU tensors bf16 tiles are converted to fp32 at the load (UPCAST).
 """
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import num_sms, to_output
+
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
-_INTERPRETER_SMS = 132  # notional GPU size for the interpreter on CPU tensors
 # A split should cover at least this many KV tiles: every split adds R * D fp32 of workspace traffic
 # and a merge term, worth it only while a chunk's K/V bytes stay well above that.
 _MIN_TILES_PER_SPLIT = 4
@@ -113,13 +113,26 @@ def _attend(
 
 @triton.jit
 def _store_rows(
-    o_ptr, lse_ptr, out, lse2, b, qi, head, n_queries, n_heads, row_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr
+    o_ptr,
+    lse_ptr,
+    out,
+    lse2,
+    b,
+    qi,
+    head,
+    n_queries,
+    n_heads,
+    row_ok,
+    offs_d,
+    d_ok,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """out [rows, BLOCK_D] fp32 -> o[b, qi, head, :] (o contiguous [B, Sq, Hq, D]); lse2 (log2 units) ->
     natural-log lse[b, head, qi] when lse_ptr is given (lse contiguous [B, Hq, Sq])."""
     o_rows = (b.to(tl.int64) * n_queries + qi) * n_heads + head
     o_ptrs = o_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, to_output(out, o_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok[None, :])
     if lse_ptr is not None:
         lse_rows = (b.to(tl.int64) * n_heads + head) * n_queries + qi
         tl.store(lse_ptr + lse_rows, lse2 * _LN2, mask=row_ok)
@@ -261,6 +274,7 @@ def _attn_kernel(
             offs_d,
             d_ok,
             HEAD_DIM,
+            UPCAST,
         )
 
 
@@ -277,6 +291,7 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Exact merge of the splits of BLOCK_R rows: out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse_s - m)."""
     bh = tl.program_id(1)
@@ -308,7 +323,20 @@ def _merge_kernel(
     head = (bh % n_kv_heads) * GROUP + rows % GROUP
     qi = rows // GROUP
     _store_rows(
-        o_ptr, lse_ptr, out, lse2, b, qi, head, n_queries, n_kv_heads * GROUP, row_ok, offs_d, d_ok, HEAD_DIM
+        o_ptr,
+        lse_ptr,
+        out,
+        lse2,
+        b,
+        qi,
+        head,
+        n_queries,
+        n_kv_heads * GROUP,
+        row_ok,
+        offs_d,
+        d_ok,
+        HEAD_DIM,
+        UPCAST,
     )
 
 
@@ -355,13 +383,6 @@ def _write_kv_kernel(
     tl.store(v_cache + dst, tl.load(v_new + src, mask=mask), mask=mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _config(n_rows: int, head_dim: int, dtype: torch.dtype, gpu: bool = True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) from metadata; every choice compiles for sm_90 without a
     register spill under triton 3.6 and 3.9 (tests/test_triton_aot.py checks a sample). fp16 / bf16: as
@@ -387,7 +408,7 @@ def _config(n_rows: int, head_dim: int, dtype: torch.dtype, gpu: bool = True):
 def _num_splits(programs: int, s_max: int, block_n: int, device: torch.device) -> int:
     """KV splits per tile: only when the tile programs leave SMs idle, never more than one wave, and
     each split at least _MIN_TILES_PER_SPLIT tiles of the largest possible cache (S_max)."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if programs >= sms:
         return 1
     by_cache = triton.cdiv(s_max, block_n) // _MIN_TILES_PER_SPLIT
@@ -493,6 +514,7 @@ def block_attention(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_R=block_r,
+            UPCAST=upcast,
             num_warps=4,
         )
     return out, lse

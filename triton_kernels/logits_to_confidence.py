@@ -8,11 +8,11 @@ itself; with several, each writes its partial state to a workspace and ``_merge_
 states of a row in chunk order. Chunking depends on metadata only (rows, V, SM count).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import num_sms
 
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -21,7 +21,6 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # arithmetic, so it takes 2048 to keep 2 programs per SM.
 _MAX_BLOCK_V, _MAX_BLOCK_V_SAMPLE = 4096, 2048
 _PROGRAMS_PER_SM = 4  # enough tiles in flight per SM to cover memory latency
-_INTERPRETER_SMS = 132  # notional GPU size for the interpreter on CPU tensors
 
 
 @triton.jit
@@ -261,20 +260,13 @@ def _merge_kernel(
     )
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _plan(n_rows: int, vocab: int, max_block: int, device: torch.device, num_splits: int | None):
     """(splits, chunk, BLOCK_V) from metadata only."""
     block_v = min(max_block, triton.next_power_of_2(vocab))
     if num_splits is None:
         # Split the vocabulary only as far as needed to give every SM a few programs.
         tiles = triton.cdiv(vocab, block_v)
-        splits = min(tiles, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n_rows))
+        splits = min(tiles, triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), n_rows))
         chunk = triton.cdiv(tiles, splits) * block_v  # whole tiles: every chunk starts aligned
         return triton.cdiv(vocab, chunk), chunk, block_v
     chunk = triton.cdiv(vocab, num_splits)

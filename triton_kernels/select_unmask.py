@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all")  # as dllm_kernels.ops.select_unmask
-
 
 @triton.jit
 def _fp64(hi, lo):
@@ -181,8 +179,6 @@ def select_unmask(score, eligible, policy, k, threshold, inclusive, factor, min_
     """Triton provider of ``dllm::select_unmask`` (arguments already checked by the op). ``score`` fp32
     and ``eligible`` bool ``[B, L]``, unit stride along L; ``token`` / ``x`` int64 ``[B, L]`` or None
     (``x`` is written in place). Returns ``(selected bool [B, L], count int32 [B])``. No host sync."""
-    if policy not in POLICIES:
-        raise ValueError(f"dllm::select_unmask: unknown policy {policy!r}")
     n_rows, length = score.shape
     device = score.device
     selected = torch.empty((n_rows, length), dtype=torch.bool, device=device)

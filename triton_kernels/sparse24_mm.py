@@ -24,8 +24,8 @@ Epilogue: ``blockdiag(wrap_out)`` (armor_linear), then bias, then the store in t
 tile that is a multiple of wrap_out's block size holds whole diagonal blocks, so the tile's output is
 multiplied by its ``[BLOCK_N, BLOCK_N]`` block-diagonal (zeros outside the blocks, never loaded) with a
 tf32x3 dot: fp32-accurate on tensor cores (an ieee FMA dot would hold the whole tile in registers).
-armor_linear applies ``wrap_in`` first with a batched fp32 product in torch (``[M, K]``, small beside
-the weight) and passes that fp32 x to the kernel.
+armor_linear applies ``wrap_in`` first with the reference's fp32 block-diagonal product in torch
+(``[M, K]``, small beside the weight) and passes that fp32 x to the kernel.
 
 Precision. fp32 accumulation always. 16-bit weights with 16-bit x: 16-bit MMA. 16-bit weights with an
 fp32 x (armor_linear's ``wrap_in`` output, kept in fp32 as the reference does): x = hi + lo in two 16-bit
@@ -36,13 +36,13 @@ fp32 at the load (UPCAST), every dot runs in fp32, and the store rounds to bf16 
 bits (the interpreter's own conversion truncates).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRETER_SMS = 132  # notional GPU size for the interpreter on CPU tensors
+from ..reference.sparse24 import block_diagonal_apply
+from ._common import num_sms, to_output
+
 _PROGRAMS_PER_SM = 4  # weight tiles in flight per SM to cover HBM latency at decode
 # A split covers at least this many K tiles: each split adds M * N fp32 of workspace write + read (mostly
 # L2: the workspace of a decode product is a few MiB at most), worth it while its share of the weight
@@ -92,14 +92,6 @@ def _weight_tile(
 
 
 @triton.jit
-def _bf16_rne(x):
-    """fp32 -> bf16 rounded to nearest even on the bits: the interpreter's own conversion truncates."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))  # NaN stays a quiet NaN
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _epilogue(
     acc,
     rows,
@@ -129,10 +121,7 @@ def _epilogue(
         acc = tl.dot(a, acc, input_precision="tf32x3")
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)[:, None]
-    if UPCAST and out_ptr.dtype.element_ty == tl.bfloat16:
-        out = _bf16_rne(acc)
-    else:
-        out = acc.to(out_ptr.dtype.element_ty)
+    out = to_output(acc, out_ptr.dtype.element_ty, UPCAST)
     o_ptrs = out_ptr + cols.to(tl.int64)[None, :] * stride_om + rows[:, None]
     tl.store(o_ptrs, out, mask=rows_ok[:, None] & cols_ok[None, :])
 
@@ -228,13 +217,6 @@ def _sparse24_reduce_kernel(
     _epilogue(acc, rows, rows_ok, cols, cols_ok, bias_ptr, wrap_ptr, out_ptr, stride_om, WRAP_BS, UPCAST)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tiles(m: int, dtype: torch.dtype, wrap_bs: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from metadata; every GPU choice is compiled for
     sm_90 in tests/test_triton_aot.py. 16-bit decode (M <= 16): 64 weight rows (one wgmma M) by 128 K
@@ -268,7 +250,7 @@ def _plan(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, devi
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         k_tiles = triton.cdiv(k, block_k)
         splits = min(
-            triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), tiles),
+            triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles),
             max(1, k_tiles // _MIN_K_TILES_PER_SPLIT),
             _MAX_SPLITS,
         )
@@ -368,8 +350,5 @@ def armor_linear(x2d, wrap_in, values, meta, wrap_out, bias=None, *, num_splits=
     """Triton provider of ``dllm::armor_linear`` on ``x2d [M, K]``: blockdiag(wrap_in) in fp32 first (torch
     batched product), then the sparse product with blockdiag(wrap_out) and bias fused in its epilogue.
     wrap_out's block size must pass ``fused_wrap_supported``."""
-    m, k = x2d.shape
-    n_in, bs_in, _ = wrap_in.shape
-    blocks = x2d.float().reshape(m, n_in, bs_in).transpose(0, 1)  # [K / bs, M, bs]
-    inner = torch.bmm(blocks, wrap_in.float().transpose(1, 2)).transpose(0, 1).reshape(m, k)
+    inner = block_diagonal_apply(wrap_in, x2d)
     return _launch(inner, values, meta, bias, wrap_out, x2d.dtype, num_splits)

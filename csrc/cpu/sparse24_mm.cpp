@@ -14,7 +14,7 @@
 // panel of x reuse the weight block from L1; partial sums cross blocks in a per-thread buffer.
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #include "common/sparse24_mm.h"
 #include "cpu/simd.h"
@@ -93,13 +93,13 @@ DLLM_SIMD_INLINE void store_out(const DllmSparse24Params& p, int64_t i, float v)
   }
 }
 
-// A float buffer on a cache-line boundary (std::vector<vfloat> does not honour the vector's alignment).
+// An uninitialised float buffer on a cache-line boundary (every element is written before it is read).
 struct AlignedBuffer {
-  std::vector<float> storage;
+  std::unique_ptr<float[]> storage;
   float* data;
-  explicit AlignedBuffer(int64_t n) : storage(n + kLanes) {
-    const uintptr_t address = reinterpret_cast<uintptr_t>(storage.data());
-    data = storage.data() + (-address / sizeof(float)) % kLanes;
+  explicit AlignedBuffer(int64_t n) : storage(new float[n + kLanes]) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(storage.get());
+    data = storage.get() + (-address / sizeof(float)) % kLanes;
   }
 };
 
@@ -151,7 +151,8 @@ DLLM_SIMD_INLINE void row_block_impl(const Job& job, int64_t n0, int64_t m0, int
   }
   w.half_chunk = p.k % kChunk != 0;
   constexpr int64_t block_chunks = kBlockK / kChunk;
-  for (int64_t c0 = 0; c0 < job.n_chunks; c0 += block_chunks) {
+  // At least one pass, so that K = 0 still stores the bias (or 0).
+  for (int64_t c0 = 0; c0 == 0 || c0 < job.n_chunks; c0 += block_chunks) {
     const int64_t c1 = std::min(job.n_chunks, c0 + block_chunks);
     const bool first = c0 == 0, last = c1 == job.n_chunks;
     for (int64_t m = m0; m < m1; m += kTileM) {

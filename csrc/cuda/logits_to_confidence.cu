@@ -69,8 +69,6 @@ struct Plan {
   int ban_words;   // shared bitmap words per CTA (0 without banned ids)
 };
 
-DLLM_HD DLLM_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 struct RowCtx {
   ConfConsts k;
   uint64_t seed;

@@ -137,8 +137,6 @@ struct Plan {
   bool vec_x;           // 8-byte cp.async of x (aligned rows)
 };
 
-DLLM_HD DLLM_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // A lane's weight rows g and g+8 (nullptr past N): value pointers advanced to its segment u(t), meta
 // pointers advanced to block t of a stage.
 struct LaneRows {

@@ -24,6 +24,10 @@ class OpError:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
             self(f"{name} must be {names}; got {str(t.dtype).removeprefix('torch.')}", TypeError)
 
+    def same_dtype(self, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor):
+        if t.dtype != ref.dtype:
+            self(f"{name} must have {ref_name}'s dtype {ref.dtype}; got {t.dtype}", TypeError)
+
     def same_device(self, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor):
         if t.device != ref.device:
             self(f"{name} must be on {ref_name}'s device {ref.device}; got {t.device}")

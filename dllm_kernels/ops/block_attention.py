@@ -8,7 +8,7 @@ import torch
 from .. import _registry
 from .._backends import Dispatcher
 from ..reference import block_attention as reference
-from ._common import OpError, describe
+from ._common import FLOAT_DTYPES, OpError, describe
 
 OP = "block_attention"
 _err = OpError(OP)
@@ -87,12 +87,11 @@ def checked_args(
 ):
     """The schema's arguments, checked before anything is written, in schema order."""
     _tensor4("q", q)
-    _err.dtype("q", q, (torch.bfloat16, torch.float16, torch.float32))
+    _err.dtype("q", q, FLOAT_DTYPES)
     n_rows, n_queries, n_heads, head_dim = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _tensor4(name, t)
-        if t.dtype != q.dtype:
-            _err(f"{name} must have q's dtype {q.dtype}; got {t.dtype}", TypeError)
+        _err.same_dtype(name, t, "q", q)
         _err.same_device(name, t, "q", q)
     if k_cache.shape != v_cache.shape:
         _err(f"v_cache must have k_cache's shape {list(k_cache.shape)}; got {list(v_cache.shape)}")
@@ -114,8 +113,7 @@ def checked_args(
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             _tensor4(name, t)
-            if t.dtype != q.dtype:
-                _err(f"{name} must have q's dtype {q.dtype}; got {t.dtype}", TypeError)
+            _err.same_dtype(name, t, "q", q)
             _err.shape(name, t, (n_rows, n_queries, n_kv_heads, head_dim), " ([B, Sq, Hkv, D])")
             _err.same_device(name, t, "q", q)
     if block_size < 0:

@@ -73,16 +73,14 @@ def _check_format(err, values, meta):
 def _check_bias(err, bias, n, x):
     if bias is not None:
         err.shape("bias", bias, (n,), " ([N])")
-        if bias.dtype != x.dtype:
-            err(f"bias must have x's dtype {x.dtype}; got {bias.dtype}", TypeError)
+        err.same_dtype("bias", bias, "x", x)
         err.same_device("bias", bias, "x", x)
 
 
 def _check_x(err, x, values, k):
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k:
         err(f"x must have shape [..., K] with K = {k}; got {describe(x)}")
-    if x.dtype != values.dtype:
-        err(f"x must have the weight's dtype {values.dtype}; got {x.dtype}", TypeError)
+    err.same_dtype("x", x, "the weight", values)
     err.same_device("x", x, "values", values)
 
 
@@ -91,6 +89,7 @@ def _prune_args(weight, score=None):
     _weight_like(err, "weight", weight)
     _check_k(err, weight.shape[1])
     if score is not None:
+        err.dtype("score", score, FLOAT_DTYPES)
         err.shape("score", score, weight.shape, " (the shape of weight)")
         err.same_device("score", score, "weight", weight)
     return weight, score
@@ -120,22 +119,21 @@ def _mm_args(x, values, meta, bias=None):
     return x, values, meta, bias
 
 
-def _wrap(err, name, blocks, size, dtype):
+def _wrap(err, name, blocks, size, x):
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
         err(f"{name} must be [n_blocks, bs, bs]; got {describe(blocks)}")
     n_blocks, bs = blocks.shape[0], blocks.shape[1]
     if bs == 0 or n_blocks * bs != size:
         err(f"{name}'s blocks must tile {size} exactly ([{size} / bs, bs, bs]); got {list(blocks.shape)}")
-    if blocks.dtype != dtype:
-        err(f"{name} must have x's dtype {dtype}; got {blocks.dtype}", TypeError)
+    err.same_dtype(name, blocks, "x", x)
 
 
 def _armor_args(x, wrap_in, values, meta, wrap_out, bias=None):
     err = _err["armor_linear"]
     n, k = _check_format(err, values, meta)
     _check_x(err, x, values, k)
-    _wrap(err, "wrap_in", wrap_in, k, x.dtype)
-    _wrap(err, "wrap_out", wrap_out, n, x.dtype)
+    _wrap(err, "wrap_in", wrap_in, k, x)
+    _wrap(err, "wrap_out", wrap_out, n, x)
     for name, t in (("wrap_in", wrap_in), ("wrap_out", wrap_out)):
         err.same_device(name, t, "x", x)
     _check_bias(err, bias, n, x)
@@ -229,13 +227,10 @@ for _backend in ("cpu", "cuda"):
 def _cpu_armor(x, wrap_in, values, meta, wrap_out, bias=None):
     """The reference's composition with the sparse product in the C++ kernel, on the fp32 inner product
     (the kernel takes an fp32 x beside a 16-bit weight: nothing is rounded between the three products)."""
-    inner = reference.block_diagonal_apply(wrap_in, _rows_2d(x))
-    out = reference.block_diagonal_apply(
-        wrap_out, _extension._C.sparse24_mm_cpu(inner, values.contiguous(), meta.contiguous(), None)
+    product = _compiled_mm("cpu")
+    return reference.armor_linear(
+        x, wrap_in, values, meta, wrap_out, bias, sparse_product=lambda inner: product(inner, values, meta)
     )
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], values.shape[0])
 
 
 def _triton_armor_supports(x, wrap_in, values, meta, wrap_out, bias=None):

@@ -71,10 +71,15 @@ def block_diagonal_apply(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None):
-    """ARMOR's ``W ~ A . S . B`` per row of x: ``blockdiag(wrap_out) . S . blockdiag(wrap_in) . x + bias``."""
+def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None, sparse_product=None):
+    """ARMOR's ``W ~ A . S . B`` per row of x: ``blockdiag(wrap_out) . S . blockdiag(wrap_in) . x + bias``.
+    ``sparse_product(inner)``: ``S . inner`` for the fp32 ``inner [..., K]`` (a backend's kernel; default
+    the dense product with the decompressed core)."""
     inner = block_diagonal_apply(wrap_in, x)
-    sparse = inner @ decompress_24(values, meta).float().T
+    if sparse_product is None:
+        sparse = inner @ decompress_24(values, meta).float().T
+    else:
+        sparse = sparse_product(inner)
     out = block_diagonal_apply(wrap_out, sparse)
     if bias is not None:
         out = out + bias.float()
