@@ -155,6 +155,8 @@ def _cases():
     from dllm_kernels.triton_kernels import select_unmask as su
     from dllm_kernels.triton_kernels import sparse24_mm as s24
 
+    from dllm_kernels.ops.select_unmask import POLICIES
+
     cases = []
     # logits_to_confidence: greedy and sampling tiles, whole-row and split (workspace) variants.
     scan_types = {
@@ -196,7 +198,7 @@ def _cases():
     select_types = {"score_ptr": "*fp32", "eligible_ptr": "*u8", "k_ptr": "*i64", "token_ptr": "*i64"}
     select_types |= {"x_ptr": "*i64", "selected_ptr": "*u8", "count_ptr": "*i32"}
     select_types |= {n: "i32" for n in su._select_kernel.arg_names[7:17]}
-    for policy in su.POLICIES:
+    for policy in POLICIES:
         for block_l in (256, 4096):
             constexprs = dict(POLICY=policy, INCLUSIVE=True, BLOCK_L=block_l, LOG_L=block_l.bit_length() - 1)
             options = dict(num_warps=su._num_warps(block_l))
