@@ -75,7 +75,7 @@ def make_case(device, shape, dtype, eligible_fraction, temperature=0.0, compiled
         run=lambda: dllm_kernels.logits_to_confidence(logits, eligible, **kwargs),
         check=check,
         bytes=n_eligible * row_bytes + eligible.numel() * (1 + 8 + 4),
-        backends=[b for b in dispatcher.backends_for(device, rows_view(logits)) if b != "reference"],
+        backends=[b for b in dispatcher.backends_for(device, logits) if b != "reference"],
         baselines=baselines,
         baseline_bytes=baseline_bytes,
     )

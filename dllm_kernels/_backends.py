@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _extension
+from . import _extension, _registry
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -125,7 +125,9 @@ class Provider:
 
 
 class Dispatcher:
-    """The providers of one op and the rule that picks one for a call."""
+    """The providers of one op and the rule that picks one for a call.
+
+    Every provider and every ``supports`` predicate takes the op's checked arguments, in schema order."""
 
     def __init__(self, op: str):
         self.op = op
@@ -176,3 +178,33 @@ class Dispatcher:
     def backends_for(self, device: torch.device, *args, **kwargs) -> list[str]:
         """Every backend that can run this call when asked by name (tests and benchmarks walk these)."""
         return [b for b in BACKENDS if self.why_not(b, device, *args, explicit=True, **kwargs) is None]
+
+
+def define_op(
+    op: str,
+    checked_args: Callable[..., tuple],
+    fake: Callable[..., object],
+    prepare: Callable[..., tuple] | None = None,
+) -> Dispatcher:
+    """Registers the fake kernel and the implementation of ``dllm::<op>`` (schema in ``_registry``) and
+    returns the op's dispatcher, for its modules to register providers with.
+
+    ``checked_args(*args, **kwargs)`` validates a call and returns the schema's arguments in order; the
+    fake kernel (FakeTensor and meta tensors) gets them as ``fake(*arguments)``. The implementation is
+    registered for CompositeExplicitAutograd, so every device type reaches it: it runs ``prepare`` (checks
+    that read values, defaults computed from values; real tensors only) and then the provider that
+    ``Dispatcher.select`` picks for the first argument's device."""
+    dispatcher = Dispatcher(op)
+
+    @torch.library.register_fake(f"dllm::{op}")
+    def _fake(*args, **kwargs):
+        return fake(*checked_args(*args, **kwargs))
+
+    def _impl(*args, **kwargs):
+        arguments = checked_args(*args, **kwargs)
+        if prepare is not None:
+            arguments = prepare(*arguments)
+        return dispatcher.select(arguments[0].device, *arguments).run(*arguments)
+
+    _registry.lib.impl(op, _impl, "CompositeExplicitAutograd")
+    return dispatcher

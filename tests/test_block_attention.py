@@ -222,7 +222,7 @@ def _bad_calls():
             (q, kc[:, :, :1].expand(2, 32, 3, 16), vc[:, :, :1].expand(2, 32, 3, 16), qs, kl),
             {},
             RuntimeError,
-            "Hq must be a multiple of Hkv; got Hq = 4, Hkv = 3",
+            "Hq must be a positive multiple of Hkv >= 1; got Hq = 4, Hkv = 3",
         ),
         "head dims differ": (
             (q, kc[..., :8], vc[..., :8], qs, kl),

@@ -250,9 +250,11 @@ def _attn_kernel(
                 PRECISION,
             )
 
-    seen = l_i > 0  # l_i >= 1 once a row saw a key (its maximum contributes 2^0)
-    out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]  # no key: acc is 0, out 0
-    lse2 = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    # l_i >= 1 once a row saw a key (its maximum contributes 2^0), and NaN from a NaN query: only a row that
+    # saw no key keeps l_i == 0 (out 0, lse -inf); a NaN stays NaN in both.
+    unseen = l_i == 0
+    out = acc * (1.0 / tl.where(unseen, 1.0, l_i))[:, None]
+    lse2 = tl.where(unseen, float("-inf"), m_i + tl.log2(tl.where(unseen, 1.0, l_i)))
     if SPLIT:
         # Every split stores every row (an empty split: out 0, lse -inf) so the merge reads no garbage.
         item = (tl.program_id(1) * n_bh + bh).to(tl.int64) * n_rows + rows
@@ -316,9 +318,9 @@ def _merge_kernel(
         )
         acc += w[:, None] * part
         den += w
-    seen = den > 0
-    out = acc * (1.0 / tl.where(seen, den, 1.0))[:, None]
-    lse2 = tl.where(seen, m + tl.log2(tl.where(seen, den, 1.0)), float("-inf"))
+    unseen = den == 0  # as in _attn_kernel: NaN (a NaN query) stays NaN
+    out = acc * (1.0 / tl.where(unseen, 1.0, den))[:, None]
+    lse2 = tl.where(unseen, float("-inf"), m + tl.log2(tl.where(unseen, 1.0, den)))
     b = bh // n_kv_heads
     head = (bh % n_kv_heads) * GROUP + rows % GROUP
     qi = rows // GROUP

@@ -20,6 +20,11 @@ fp32 partial tile to a workspace ``[splits, M, N]`` and ``_sparse24_reduce_kerne
 order (deterministic: no atomics) and runs the epilogue. Tiles, splits and warps come from metadata only
 (M, N, K, dtype, wrap block size, SM count; a notional 132 SMs under the interpreter), one config each.
 
+Non-finite x. A pruned position is absent, not a zero (reference.sparse24.sparse_product): a K tile of x
+holding a NaN or inf runs its finite part through the dot and adds the non-finite entries' effect, found
+with 0 / 1 products, to the outputs whose weight rows keep them. A runtime branch: tiles of finite x (all,
+in practice) pay one reduction of the x tile.
+
 Epilogue: ``blockdiag(wrap_out)`` (armor_linear), then bias, then the store in the output dtype. An N
 tile that is a multiple of wrap_out's block size holds whole diagonal blocks, so the tile's output is
 multiplied by its ``[BLOCK_N, BLOCK_N]`` block-diagonal (zeros outside the blocks, never loaded) with a
@@ -89,6 +94,38 @@ def _weight_tile(
     zero = tl.zeros([BLOCK_N, BLOCK_K // 4, 4], vals.dtype)
     dense = tl.where(p == i0[:, :, None], v0[:, :, None], tl.where(p == i1[:, :, None], v1[:, :, None], zero))
     return tl.reshape(dense, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _kept_tile(meta_ptr, rows, rows_ok, k0, stride_meta, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """bool ``[BLOCK_N, BLOCK_K]``: the positions of the tile the weight keeps."""
+    km = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    meta = tl.load(meta_ptr + rows.to(tl.int64)[:, None] * stride_meta + km[None, :], mask=rows_ok[:, None])
+    shifts = tl.arange(0, 4) * 4
+    codes = tl.reshape(
+        (meta.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 0xF, [BLOCK_N, BLOCK_K // 4]
+    )
+    p = tl.arange(0, 4)[None, None, :]
+    kept = (p == (codes & 3)[:, :, None]) | (p == (codes >> 2)[:, :, None])
+    return tl.reshape(kept, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _nonfinite_effect(w, kept, xt, PRECISION: tl.constexpr):
+    """What the non-finite entries of an x tile do to ``W_tile @ x_tile^T`` over the kept elements only
+    (reference.sparse24.sparse_product): 0, +inf, -inf or NaN per output, from 0 / 1 products."""
+    nan = xt != xt
+    up = xt == float("inf")
+    down = xt == float("-inf")
+    dt = w.dtype
+    to_nan = tl.dot(kept.to(dt), nan.to(dt), input_precision=PRECISION)
+    to_nan = tl.dot((kept & (w == 0)).to(dt), (up | down).to(dt), to_nan, input_precision=PRECISION)
+    to_pos = tl.dot((w > 0).to(dt), up.to(dt), input_precision=PRECISION)
+    to_pos = tl.dot((w < 0).to(dt), down.to(dt), to_pos, input_precision=PRECISION)
+    to_neg = tl.dot((w < 0).to(dt), up.to(dt), input_precision=PRECISION)
+    to_neg = tl.dot((w > 0).to(dt), down.to(dt), to_neg, input_precision=PRECISION)
+    effect = tl.where(to_pos > 0, float("inf"), tl.where(to_neg > 0, float("-inf"), 0.0))
+    return tl.where((to_nan > 0) | ((to_pos > 0) & (to_neg > 0)), float("nan"), effect)
 
 
 @triton.jit
@@ -172,6 +209,14 @@ def _sparse24_kernel(
         xt = tl.load(xt_ptrs + k0, mask=cols_ok[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
+        # A pruned position is absent, not a zero: a non-finite x there must not reach the output (0 * inf).
+        # Rare, so a tile holding one takes a slow path: x's finite part through the dot, the non-finite
+        # entries' effect on the outputs whose rows keep them added as 0 / +-inf / NaN.
+        bad = (xt != xt) | (tl.abs(xt) == float("inf"))
+        if tl.max(bad.to(tl.int32)) > 0:
+            kept = _kept_tile(meta_ptr, rows, rows_ok, k0, stride_meta, BLOCK_N, BLOCK_K)
+            acc += _nonfinite_effect(w, kept, xt, PRECISION)
+            xt = tl.where(bad, 0.0, xt)
         if X_SPLIT:
             # fp32 x with a 16-bit weight: x = hi + lo, each exact in the weight's dtype to ~2^-22 / 2^-17.
             x_hi = xt.to(w.dtype)

@@ -3,6 +3,7 @@
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
 def describe(value) -> str:
@@ -19,7 +20,25 @@ class OpError:
     def __call__(self, message: str, exc: type[Exception] = RuntimeError):
         raise exc(f"dllm::{self.op}: {message}")
 
+    def tensor(self, name: str, t):
+        if not isinstance(t, torch.Tensor):
+            self(f"{name} must be a Tensor; got {type(t).__name__}", TypeError)
+
+    def int64(self, name: str, value):
+        """A Python int argument that the schema carries as int64."""
+        if not isinstance(value, int) or not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+            self(f"{name} must be an int in [-2^63, 2^63); got {value!r}", ValueError)
+
+    def no_internal_overlap(self, name: str, t: torch.Tensor):
+        """An output written in place must not alias itself (an ``expand()``ed view, overlapping strides)."""
+        if has_internal_overlap(t):
+            self(
+                f"{name} is written in place, so its elements must not overlap in memory; got shape "
+                f"{list(t.shape)} with strides {list(t.stride())} (an expand()ed view? pass a copy)"
+            )
+
     def dtype(self, name: str, t: torch.Tensor, allowed):
+        self.tensor(name, t)
         if t.dtype not in allowed:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
             self(f"{name} must be {names}; got {str(t.dtype).removeprefix('torch.')}", TypeError)
@@ -35,6 +54,52 @@ class OpError:
     def shape(self, name: str, t: torch.Tensor, expected: tuple, what: str = ""):
         if tuple(t.shape) != tuple(expected):
             self(f"{name} must have shape {list(expected)}{what}; got {list(t.shape)}")
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two indices of t may address the same element (metadata only). Dims of size 1 never move;
+    the others, by increasing stride, must each step past everything the smaller ones span."""
+    if t.numel() == 0:
+        return False
+    span = 0
+    for stride, size in sorted((abs(st), s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two real tensors of one dtype may address a common element. Exact for views with equal
+    shapes and strides (a fused KV buffer's K and V halves), conservative (byte ranges) otherwise."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t):
+        low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(), strict=True))
+        high = sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(), strict=True))
+        return t.storage_offset() + low, t.storage_offset() + high
+
+    (a_low, a_high), (b_low, b_high) = extent(a), extent(b)
+    if a_high < b_low or b_high < a_low:
+        return False
+    if a.shape != b.shape or a.stride() != b.stride():
+        return True
+    dims = sorted(((abs(st), n) for n, st in zip(a.shape, a.stride(), strict=True) if n > 1), reverse=True)
+
+    def reachable(offset, dims):
+        """offset = sum c_i * stride_i for some integers |c_i| < size_i?"""
+        if not dims:
+            return offset == 0
+        (stride, size), rest = dims[0], dims[1:]
+        span = sum((n - 1) * st for st, n in rest)
+        low = max(-(size - 1), -((span - offset) // stride))  # ceil((offset - span) / stride)
+        high = min(size - 1, (offset + span) // stride)
+        return any(reachable(offset - c * stride, rest) for c in range(low, high + 1))
+
+    return reachable(b.storage_offset() - a.storage_offset(), dims)
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:

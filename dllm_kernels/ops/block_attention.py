@@ -1,18 +1,16 @@
-"""``dllm::block_attention``: block-sparse attention with partial KV reuse (SPEC.md section 3)."""
+"""``dllm::block_attention``: block-sparse attention with partial KV reuse. docs/ops.md#block_attention."""
 
 import math
 import os
 
 import torch
 
-from .. import _registry
-from .._backends import Dispatcher
+from .._backends import define_op
 from ..reference import block_attention as reference
-from ._common import FLOAT_DTYPES, OpError, describe
+from ._common import FLOAT_DTYPES, OpError, describe, may_overlap
 
 OP = "block_attention"
 _err = OpError(OP)
-dispatcher = Dispatcher(OP)
 # Value checks (write range, kv_len) need the values: free on CPU, a host sync on a GPU, so there only
 # with DLLM_DEBUG_CHECKS=1 (read once, at import). GPU kernels never write outside the cache.
 _DEBUG_CHECKS = os.environ.get("DLLM_DEBUG_CHECKS") == "1"
@@ -66,7 +64,8 @@ def block_attention(
 
 
 def _tensor4(name, t):
-    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+    _err.tensor(name, t)
+    if t.dim() != 4:
         _err(f"{name} must be a 4-dim tensor; got {describe(t)}")
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         _err(f"{name} must be contiguous along D (stride(-1) == 1); got strides {list(t.stride())}")
@@ -100,8 +99,10 @@ def checked_args(
         _err(f"k_cache must have q's batch size {n_rows}; got {k_cache.shape[0]}")
     if k_cache.shape[3] != head_dim:
         _err(f"k_cache must have q's head dim {head_dim}; got {k_cache.shape[3]}")
-    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        _err(f"Hq must be a multiple of Hkv; got Hq = {n_heads}, Hkv = {n_kv_heads}")
+    if n_heads == 0 or n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        _err(f"Hq must be a positive multiple of Hkv >= 1; got Hq = {n_heads}, Hkv = {n_kv_heads}")
+    if head_dim == 0:
+        _err(f"the head dim D must be >= 1; got q of shape {list(q.shape)}")
     for name, t in (("q_start", q_start), ("kv_len", kv_len)):
         _err.dtype(name, t, (torch.int32,))
         _err.shape(name, t, (n_rows,), " ([B])")
@@ -116,6 +117,8 @@ def checked_args(
             _err.same_dtype(name, t, "q", q)
             _err.shape(name, t, (n_rows, n_queries, n_kv_heads, head_dim), " ([B, Sq, Hkv, D])")
             _err.same_device(name, t, "q", q)
+        _err.no_internal_overlap("k_cache", k_cache)
+        _err.no_internal_overlap("v_cache", v_cache)
     if block_size < 0:
         _err(f"block_size must be >= 0; got {block_size}", ValueError)
     if scale is not None and not math.isfinite(scale):
@@ -123,10 +126,17 @@ def checked_args(
     return q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
 
 
-def _check_values(q, k_cache, q_start, kv_len, k_new):
-    """Checks that read q_start / kv_len (the real kernel only: fake tensors have no values)."""
+def _prepare(q, k_cache, v_cache, q_start, kv_len, k_new, *options):
+    """Checks on real tensors, before anything is written: where the two caches lie in memory, and (free on
+    CPU, a host sync on a GPU, so there only with DLLM_DEBUG_CHECKS=1) the values of q_start / kv_len."""
+    arguments = (q, k_cache, v_cache, q_start, kv_len, k_new, *options)
+    if k_new is not None and may_overlap(k_cache, v_cache):
+        _err(
+            "k_cache and v_cache are written in place, so they must not share memory; got views that "
+            f"overlap (strides {list(k_cache.stride())} and {list(v_cache.stride())})"
+        )
     if q.shape[0] == 0 or not (q.device.type == "cpu" or _DEBUG_CHECKS):
-        return
+        return arguments
     s_max = k_cache.shape[1]
     if k_new is not None and int((q_start.long() + q.shape[1]).max()) > s_max:
         _err(
@@ -140,29 +150,18 @@ def _check_values(q, k_cache, q_start, kv_len, k_new):
             f"kv_len = {kv_len.tolist()}",
             ValueError,
         )
+    return arguments
 
 
 def _lse_shape(q, return_lse):
     return (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
 
 
-@torch.library.register_fake(f"dllm::{OP}")
-def _fake(*args, **kwargs):
-    q, *_, return_lse = checked_args(*args, **kwargs)
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, return_lse), dtype=torch.float32)
+def _fake(q, *args):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, args[-1]), dtype=torch.float32)
 
 
-def _impl(*args, **kwargs):
-    arguments = checked_args(*args, **kwargs)
-    q, k_cache, _, q_start, kv_len, k_new = arguments[:6]
-    _check_values(q, k_cache, q_start, kv_len, k_new)
-    return dispatcher.select(q.device, *arguments).run(*arguments)
-
-
-# CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
-_registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
-
-
+dispatcher = define_op(OP, checked_args, _fake, _prepare)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.block_attention)
 

@@ -1,18 +1,17 @@
-"""``dllm::logits_to_confidence``: fused masked-position logits -> (token, score). SPEC.md section 1."""
-
-import math
+"""``dllm::logits_to_confidence``: fused masked-position logits -> (token, score); contract in docs/ops.md."""
 
 import torch
 
-from .. import _extension, _registry
-from .._backends import Dispatcher
+from .. import _extension
+from .._backends import define_op
 from ..reference import logits_to_confidence as reference
 from ._common import FLOAT_DTYPES, OpError, rows_view
 
 OP = "logits_to_confidence"
 SCORES = ("prob", "margin", "neg_entropy", "logit_margin", "random")
+# A sampling temperature is 0 or inside this range, where l + T * g and log2(e) / T stay finite in fp32.
+TEMPERATURE_RANGE = (1e-30, 1e30)
 _err = OpError(OP)
-dispatcher = Dispatcher(OP)
 
 
 def logits_to_confidence(
@@ -33,9 +32,10 @@ def logits_to_confidence(
             (``logits[:, s - 1 : e - 1]`` for a one-position shift needs no copy).
         eligible: bool, ``logits.shape[:-1]``; ``None`` = every row. Ineligible rows are not read and
             give ``token = -1``, ``score = -inf``.
-        temperature: 0 = argmax (lowest index on ties); > 0 = Gumbel-max sample of ``softmax(l / T)``
-            with noise keyed by ``(seed, offset, row, v)`` (``row`` = flat row-major row index), so the
-            same call gives the same tokens on every backend. Advance ``offset`` for fresh noise.
+        temperature: 0 = argmax (lowest index on ties); in ``TEMPERATURE_RANGE`` = Gumbel-max sample of
+            ``softmax(l / T)`` with noise keyed by ``(seed, offset, row, v)`` (``row`` = flat row-major row
+            index), so the same call gives the same tokens on every backend. Advance ``offset`` for fresh
+            noise. Other values are an error.
         score: "prob" (``p[token]``), "margin" (``p_top1 - p_top2``), "neg_entropy" (``sum p log p``),
             "logit_margin" (raw ``l_top1 - l_top2``, ``+inf`` if one token is left) or "random"
             (uniform (0, 1) keyed by ``(seed, offset, row, V)``).
@@ -48,8 +48,12 @@ def logits_to_confidence(
         gives ``(-1, NaN)``; a row with every logit ``-inf`` or banned gives ``(-1, -inf)``.
 
     Scores are accumulated in fp32 (the reference in fp64); tokens at ``temperature == 0`` are exact on
-    every backend, sampled tokens agree across backends up to fp32 rounding of ``l / T + g``.
+    every backend, sampled tokens agree across backends up to fp32 rounding of ``l / T + g``. Scores are
+    valid: ``prob`` and ``margin`` in [0, 1], ``neg_entropy <= 0``; ``token == -1`` exactly where the score
+    is ``-inf`` or NaN.
     """
+    _err.int64("seed", seed)  # before torch.ops, whose own message for a Python int beyond int64 is opaque
+    _err.int64("offset", offset)
     return torch.ops.dllm.logits_to_confidence(
         logits,
         eligible,
@@ -73,9 +77,7 @@ def checked_args(
     seed=0,
     offset=0,
 ):
-    """The schema's arguments, checked, in schema order (the fake kernel and _impl take them as given)."""
-    if not isinstance(logits, torch.Tensor):
-        _err(f"logits must be a Tensor; got {type(logits).__name__}", TypeError)
+    """The schema's arguments, checked, in schema order."""
     _err.dtype("logits", logits, FLOAT_DTYPES)
     if logits.dim() == 0:
         _err("logits must have shape [..., V] (at least 1 dim); got a 0-dim tensor")
@@ -94,59 +96,51 @@ def checked_args(
         _err.same_device("banned", banned, "logits", logits)
     if score not in SCORES:
         _err(f"score must be one of {', '.join(SCORES)}; got {score!r}", ValueError)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        _err(f"temperature must be finite and >= 0; got {temperature}", ValueError)
+    low, high = TEMPERATURE_RANGE
+    if not (temperature == 0 or low <= temperature <= high):
+        _err(f"temperature must be 0 (argmax) or in [{low:g}, {high:g}]; got {temperature}", ValueError)
     return logits, eligible, temperature, score, tempered_score, banned, seed, offset
 
 
-@torch.library.register_fake(f"dllm::{OP}")
-def _fake(*args, **kwargs):
-    logits = checked_args(*args, **kwargs)[0]
+def _fake(logits, *_):
     shape = logits.shape[:-1]
     return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
 
 
-def _impl(*args, **kwargs):
-    logits, eligible, *options = checked_args(*args, **kwargs)
-    rows = rows_view(logits)
-    rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
-    token, value = dispatcher.select(logits.device, rows).run(rows, rows_eligible, *options)
-    shape = logits.shape[:-1]
-    return token.view(shape), value.view(shape)
+dispatcher = define_op(OP, checked_args, _fake)
+# The reference takes the schema's arguments in order.
+dispatcher.register("reference")(reference.logits_to_confidence)
 
 
-# CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
-_registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
+def _kernel_rows(kernel):
+    """A provider whose kernel takes the ``[outer, inner, V]`` rows view and ``[outer, inner]`` eligible."""
 
+    def run(logits, eligible, *options):
+        rows = rows_view(logits)
+        rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
+        token, value = kernel(rows, rows_eligible, *options)
+        shape = logits.shape[:-1]
+        return token.view(shape), value.view(shape)
 
-@dispatcher.register("reference")
-def _reference(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
-    return reference.logits_to_confidence(
-        rows,
-        eligible,
-        temperature=temperature,
-        score=score,
-        tempered_score=tempered_score,
-        banned=banned,
-        seed=seed,
-        offset=offset,
-    )
+    return run
 
 
 def _compiled(backend):
-    def run(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
-        kernel = getattr(_extension._C, f"{OP}_{backend}")
-        return kernel(rows, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset)
+    def kernel(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
+        launch = getattr(_extension._C, f"{OP}_{backend}")
+        return launch(rows, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset)
 
-    return run
+    return _kernel_rows(kernel)
 
 
 for _backend in ("cpu", "cuda"):
     dispatcher.register(_backend)(_compiled(_backend))
 
 
-@dispatcher.register("triton")
 def _triton(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
     from ..triton_kernels.logits_to_confidence import logits_to_confidence as launch
 
     return launch(rows, eligible, banned, temperature, score, tempered_score, seed, offset)
+
+
+dispatcher.register("triton")(_kernel_rows(_triton))

@@ -1,11 +1,11 @@
-"""``dllm::select_unmask``: batched remask / unmask selection with a fused commit. SPEC.md section 2."""
+"""``dllm::select_unmask``: batched remask / unmask selection with a fused commit; contract in docs/ops.md."""
 
 import math
 
 import torch
 
-from .. import _extension, _registry
-from .._backends import Dispatcher
+from .. import _extension
+from .._backends import define_op
 from ..reference import select_unmask as reference
 from ._common import OpError, describe
 
@@ -13,7 +13,6 @@ OP = "select_unmask"
 POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all")
 _NEEDS_K = ("topk", "topk_or_threshold")
 _err = OpError(OP)
-dispatcher = Dispatcher(OP)
 
 
 def select_unmask(
@@ -67,7 +66,8 @@ def _matrix(name, t, dtype, score):
     """A [B, L] tensor beside score: its dtype, score's shape and device, unit stride along L."""
     shape = score.shape
     if (
-        t.dtype == dtype
+        isinstance(t, torch.Tensor)
+        and t.dtype == dtype
         and t.shape == shape
         and t.device == score.device
         and (t.stride(1) == 1 or shape[1] < 2)
@@ -93,7 +93,7 @@ def checked_args(
     token=None,
     x=None,
 ):
-    """The schema's arguments, checked, in schema order (the fake kernel and _impl take them as given)."""
+    """The schema's arguments, checked, in schema order."""
     if not isinstance(score, torch.Tensor) or score.dim() != 2:
         _err(f"score must be a [B, L] tensor; got {describe(score)}")
     _matrix("score", score, torch.float32, score)
@@ -106,6 +106,7 @@ def checked_args(
         if policy in _NEEDS_K:
             _err(f"policy {policy!r} needs k (int32/int64 [B]); got None", ValueError)
     else:
+        _err.tensor("k", k)
         if (
             k.dtype not in (torch.int32, torch.int64)
             or k.shape != score.shape[:1]
@@ -123,6 +124,7 @@ def checked_args(
     if x is not None:
         _matrix("x", x, torch.int64, score)
         _matrix("token", token, torch.int64, score)
+        _err.no_internal_overlap("x", x)
     if min_per_row < 0:
         _err(f"min_per_row must be >= 0; got {min_per_row}", ValueError)
     if not math.isfinite(threshold):
@@ -132,21 +134,11 @@ def checked_args(
     return score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x
 
 
-@torch.library.register_fake(f"dllm::{OP}")
-def _fake(*args, **kwargs):
-    score = checked_args(*args, **kwargs)[0]
+def _fake(score, *_):
     return score.new_empty(score.shape, dtype=torch.bool), score.new_empty(score.shape[:1], dtype=torch.int32)
 
 
-def _impl(*args, **kwargs):
-    arguments = checked_args(*args, **kwargs)
-    return dispatcher.select(arguments[0].device, arguments[0]).run(*arguments)
-
-
-# CompositeExplicitAutograd: every device reaches _impl, which picks the provider.
-_registry.lib.impl(OP, _impl, "CompositeExplicitAutograd")
-
-
+dispatcher = define_op(OP, checked_args, _fake)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.select_unmask)
 

@@ -1,19 +1,21 @@
-"""The 2:4 semi-structured ops (SPEC.md section 4): ``dllm::prune_24``, ``compress_24``, ``decompress_24``,
-``sparse24_mm``, ``armor_linear``, for decode-time linear layers. The format is described in
-``dllm_kernels/reference/sparse24.py``."""
+"""The 2:4 semi-structured ops (docs/ops.md#24-semi-structured-sparsity): ``dllm::prune_24``, ``compress_24``,
+``decompress_24``, ``sparse24_mm``, ``armor_linear``, for decode-time linear layers. The format is described
+in ``dllm_kernels/reference/sparse24.py``."""
+
+import os
 
 import torch
 
-from .. import _extension, _registry
-from .._backends import Dispatcher
+from .. import _extension
+from .._backends import define_op
 from ..reference import sparse24 as reference
 from ._common import FLOAT_DTYPES, OpError, describe
 
-dispatchers = {
-    name: Dispatcher(name)
-    for name in ("prune_24", "compress_24", "decompress_24", "sparse24_mm", "armor_linear")
-}
-_err = {name: OpError(name) for name in dispatchers}
+OPS = ("prune_24", "compress_24", "decompress_24", "sparse24_mm", "armor_linear")
+_err = {name: OpError(name) for name in OPS}
+# The products check meta's values only with DLLM_DEBUG_CHECKS=1 (read once, at import): a full read of
+# meta, and a host sync on a GPU. decompress_24, an offline op, always checks.
+_DEBUG_CHECKS = os.environ.get("DLLM_DEBUG_CHECKS") == "1"
 
 
 def prune_24(weight: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,7 +50,8 @@ def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None):
 
 
 def _weight_like(err, name, t, dtypes=FLOAT_DTYPES):
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+    err.tensor(name, t)
+    if t.dim() != 2:
         err(f"{name} must be a 2-dim tensor; got {describe(t)}")
     err.dtype(name, t, dtypes)
 
@@ -72,13 +75,15 @@ def _check_format(err, values, meta):
 
 def _check_bias(err, bias, n, x):
     if bias is not None:
+        err.tensor("bias", bias)
         err.shape("bias", bias, (n,), " ([N])")
         err.same_dtype("bias", bias, "x", x)
         err.same_device("bias", bias, "x", x)
 
 
 def _check_x(err, x, values, k):
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k:
+    err.tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] != k:
         err(f"x must have shape [..., K] with K = {k}; got {describe(x)}")
     err.same_dtype("x", x, "the weight", values)
     err.same_device("x", x, "values", values)
@@ -120,7 +125,8 @@ def _mm_args(x, values, meta, bias=None):
 
 
 def _wrap(err, name, blocks, size, x):
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+    err.tensor(name, blocks)
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
         err(f"{name} must be [n_blocks, bs, bs]; got {describe(blocks)}")
     n_blocks, bs = blocks.shape[0], blocks.shape[1]
     if bs == 0 or n_blocks * bs != size:
@@ -142,7 +148,7 @@ def _armor_args(x, wrap_in, values, meta, wrap_out, bias=None):
 
 def _check_mask_values(mask):
     """compress_24's mask must keep exactly 2 of every 4 (read in the real kernel only; an offline op)."""
-    per_group = mask.reshape(mask.shape[0], -1, 4).sum(-1)
+    per_group = mask.reshape(mask.shape[0], mask.shape[1] // 4, 4).sum(-1)
     bad = (per_group != 2).nonzero()
     if bad.numel():
         row, group = bad[0].tolist()
@@ -153,20 +159,19 @@ def _check_mask_values(mask):
         )
 
 
-def _register(name, checked_args, fake, impl_prepare=None):
-    """Fake kernel and the dispatching implementation of one op (CompositeExplicitAutograd: every device)."""
-
-    @torch.library.register_fake(f"dllm::{name}")
-    def _fake(*args, **kwargs):
-        return fake(*checked_args(*args, **kwargs))
-
-    def _impl(*args, **kwargs):
-        arguments = checked_args(*args, **kwargs)
-        if impl_prepare is not None:
-            arguments = impl_prepare(*arguments)
-        return dispatchers[name].select(arguments[0].device, *arguments).run(*arguments)
-
-    _registry.lib.impl(name, _impl, "CompositeExplicitAutograd")
+def check_meta_values(err, meta):
+    """Every 4-bit code of meta must name two distinct kept positions ``i0 < i1`` (a host sync on a GPU)."""
+    codes = reference.nibbles(meta)
+    bad = (codes & 3 >= codes >> 2).nonzero()
+    if bad.numel():
+        row, group = bad[0].tolist()
+        code = int(codes[row, group])
+        err(
+            f"meta must hold, for every group of 4, the code i0 | i1 << 2 of two kept positions i0 < i1; "
+            f"row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has code {code:#x} "
+            f"(i0 = {code & 3}, i1 = {code >> 2})",
+            ValueError,
+        )
 
 
 def _out_rows(x, values):
@@ -181,19 +186,49 @@ def _compress_prepare(weight, mask):
     return weight, mask
 
 
-_register("prune_24", _prune_args, lambda w, s: w.new_empty(w.shape, dtype=torch.bool))
-_register(
-    "compress_24",
-    _compress_args,
-    lambda w, m: (
-        w.new_empty((w.shape[0], w.shape[1] // 2)),
-        w.new_empty((w.shape[0], w.shape[1] // 16), dtype=torch.int16),
+def _decompress_prepare(values, meta):
+    check_meta_values(_err["decompress_24"], meta)
+    return values, meta
+
+
+def _debug_meta_check(name):
+    """prepare for a product: meta's values checked only under DLLM_DEBUG_CHECKS=1."""
+
+    def prepare(*arguments):
+        if _DEBUG_CHECKS:
+            check_meta_values(_err[name], arguments[3 if name == "armor_linear" else 2])
+        return arguments
+
+    return prepare
+
+
+dispatchers = {
+    "prune_24": define_op("prune_24", _prune_args, lambda w, s: w.new_empty(w.shape, dtype=torch.bool)),
+    "compress_24": define_op(
+        "compress_24",
+        _compress_args,
+        lambda w, m: (
+            w.new_empty((w.shape[0], w.shape[1] // 2)),
+            w.new_empty((w.shape[0], w.shape[1] // 16), dtype=torch.int16),
+        ),
+        _compress_prepare,
     ),
-    _compress_prepare,
-)
-_register("decompress_24", _decompress_args, lambda v, m: v.new_empty((v.shape[0], 2 * v.shape[1])))
-_register("sparse24_mm", _mm_args, lambda x, v, m, b: _out_rows(x, v))
-_register("armor_linear", _armor_args, lambda x, wi, v, m, wo, b: _out_rows(x, v))
+    "decompress_24": define_op(
+        "decompress_24",
+        _decompress_args,
+        lambda v, m: v.new_empty((v.shape[0], 2 * v.shape[1])),
+        _decompress_prepare,
+    ),
+    "sparse24_mm": define_op(
+        "sparse24_mm", _mm_args, lambda x, v, m, b: _out_rows(x, v), _debug_meta_check("sparse24_mm")
+    ),
+    "armor_linear": define_op(
+        "armor_linear",
+        _armor_args,
+        lambda x, wi, v, m, wo, b: _out_rows(x, v),
+        _debug_meta_check("armor_linear"),
+    ),
+}
 
 dispatchers["prune_24"].register("reference")(reference.prune_24)
 dispatchers["compress_24"].register("reference")(reference.compress_24)
@@ -229,7 +264,7 @@ def _cpu_armor(x, wrap_in, values, meta, wrap_out, bias=None):
     (the kernel takes an fp32 x beside a 16-bit weight: nothing is rounded between the three products)."""
     product = _compiled_mm("cpu")
     return reference.armor_linear(
-        x, wrap_in, values, meta, wrap_out, bias, sparse_product=lambda inner: product(inner, values, meta)
+        x, wrap_in, values, meta, wrap_out, bias, core_product=lambda inner: product(inner, values, meta)
     )
 
 

@@ -23,7 +23,6 @@ from .counter_rng import gumbel, uniform
 def logits_to_confidence(
     logits: torch.Tensor,
     eligible: torch.Tensor | None = None,
-    *,
     temperature: float = 0.0,
     score: str = "prob",
     tempered_score: bool = False,

@@ -55,9 +55,45 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return dense.reshape(n, 2 * half)
 
 
+def kept_mask(meta: torch.Tensor) -> torch.Tensor:
+    """bool ``[N, K]``: the positions the 2:4 weight keeps."""
+    codes = nibbles(meta)
+    p = torch.arange(4, device=meta.device)
+    kept = (p == (codes & 3)[..., None]) | (p == (codes >> 2)[..., None])
+    return kept.flatten(-2)
+
+
+def sparse_product(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` in fp32 over the kept elements only: a pruned position is absent, not a zero, so a NaN
+    or inf of x there never reaches the output (as on sparse tensor cores); at kept positions x meets the
+    weight in IEEE arithmetic. The weight itself is taken to be finite.
+
+    Computed as the dense product with x's non-finite entries set to 0, plus their effect on the outputs
+    whose weight row keeps them, classified with 0 / 1 products: NaN meets any kept weight, or +-inf meets
+    a kept zero -> NaN; +inf and -inf contributions together -> NaN; otherwise +inf or -inf."""
+    weight = decompress_24(values, meta).float()
+    x = x.float()
+    finite = torch.isfinite(x)
+    out = torch.where(finite, x, 0.0) @ weight.T
+    kept = kept_mask(meta)
+
+    def meets(x_class, w_class):
+        return (x_class.float() @ w_class.float().T) > 0
+
+    positive, negative, zero = kept & (weight > 0), kept & (weight < 0), kept & (weight == 0)
+    up, down = torch.isposinf(x), torch.isneginf(x)
+    to_nan = meets(torch.isnan(x), kept) | meets(up | down, zero)
+    to_pos = meets(up, positive) | meets(down, negative)
+    to_neg = meets(up, negative) | meets(down, positive)
+    out = torch.where(to_pos, torch.inf, out)
+    out = torch.where(to_neg, -torch.inf, out)
+    return torch.where(to_nan | (to_pos & to_neg), torch.nan, out)
+
+
 def sparse24_mm(x, values, meta, bias=None):
-    """``x @ decompress_24(values, meta).T + bias`` with fp32 accumulation, in x's dtype."""
-    out = x.float() @ decompress_24(values, meta).float().T
+    """``x @ decompress_24(values, meta).T + bias`` with fp32 accumulation, in x's dtype, over the kept
+    elements only (``sparse_product``)."""
+    out = sparse_product(x, values, meta)
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -71,15 +107,15 @@ def block_diagonal_apply(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None, sparse_product=None):
+def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None, core_product=None):
     """ARMOR's ``W ~ A . S . B`` per row of x: ``blockdiag(wrap_out) . S . blockdiag(wrap_in) . x + bias``.
-    ``sparse_product(inner)``: ``S . inner`` for the fp32 ``inner [..., K]`` (a backend's kernel; default
-    the dense product with the decompressed core)."""
+    ``core_product(inner)``: ``S . inner`` for the fp32 ``inner [..., K]`` (a backend's kernel; default
+    ``sparse_product``)."""
     inner = block_diagonal_apply(wrap_in, x)
-    if sparse_product is None:
-        sparse = inner @ decompress_24(values, meta).float().T
+    if core_product is None:
+        sparse = sparse_product(inner, values, meta)
     else:
-        sparse = sparse_product(inner)
+        sparse = core_product(inner)
     out = block_diagonal_apply(wrap_out, sparse)
     if bias is not None:
         out = out + bias.float()
