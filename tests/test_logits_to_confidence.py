@@ -321,15 +321,15 @@ def _bad_calls():
             (x,),
             dict(temperature=-0.5),
             ValueError,
-            "temperature must be finite and >= 0; got -0.5",
+            "temperature must be 0 (argmax) or in [1e-30, 1e+30]; got -0.5",
         ),
-        "nan temperature": (
-            (x,),
-            dict(temperature=math.nan),
-            ValueError,
-            "temperature must be finite and >= 0; got nan",
-        ),
+        "nan temperature": ((x,), dict(temperature=math.nan), ValueError, "or in [1e-30, 1e+30]; got nan"),
         "infinite temperature": ((x,), dict(temperature=math.inf), ValueError, "got inf"),
+        "temperature below the range": ((x,), dict(temperature=1e-40), ValueError, "got 1e-40"),
+        "temperature above the range": ((x,), dict(temperature=1e39), ValueError, "got 1e+39"),
+        "None logits": ((None,), {}, TypeError, "logits must be a Tensor; got NoneType"),
+        "seed beyond int64": ((x,), dict(seed=2**64), ValueError, "seed must be an int in [-2^63, 2^63)"),
+        "offset beyond int64": ((x,), dict(offset=-(2**63) - 1), ValueError, "offset must be an int"),
     }
 
 
@@ -341,6 +341,68 @@ def test_bad_input_messages(case):
     message = str(info.value)
     assert message.startswith("dllm::logits_to_confidence: "), message
     assert fragment in message, message
+
+
+def scores_in_range(token, score, kind):
+    """token == -1 exactly where the score is -inf or NaN; prob / margin in [0, 1], neg_entropy <= 0."""
+    undefined = torch.isnan(score) | (score == -math.inf)
+    assert torch.equal(token == -1, undefined), (token, score)
+    defined = score[~undefined]
+    if kind in ("prob", "margin", "random"):
+        assert ((defined >= 0) & (defined <= 1)).all(), defined
+    if kind == "neg_entropy":
+        assert (defined <= 0).all(), defined
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scores_stay_valid_at_extremes(backend, device, dtype):
+    """Large logits (a top logit of 40-60), logits near the dtype's range, the temperature range's ends:
+    every score stays a valid probability / entropy and -1 tokens go with -inf / NaN scores only."""
+    vocab = 517
+    finfo = torch.finfo(dtype)
+    logits = random_logits((6, vocab), torch.float32, device)
+    logits[0] += 50 + 10 * torch.rand((), device=device)  # large, ordinary
+    logits[1, 7] = 60.0
+    logits[2] = finfo.max * (0.5 + 0.5 * torch.rand(vocab, device=device))  # near the range, all close
+    logits[3] = -finfo.max * torch.rand(vocab, device=device)  # spread over the negative range
+    logits[4, ::3] = finfo.max
+    logits[5] = -finfo.max * (0.99 + 0.01 * torch.rand(vocab, device=device))  # all near -max
+    logits = logits.to(dtype)
+    for score in SCORES:
+        for options in (
+            {},
+            dict(temperature=1e-30, tempered_score=True),
+            dict(temperature=0.05, tempered_score=True),
+            dict(temperature=1e30, tempered_score=True),
+            dict(temperature=1e30),
+        ):
+            token, value = run(backend, logits, score=score, seed=3, **options)
+            scores_in_range(token, value, score)
+            ref_token, ref_value = reference(logits, score=score, seed=3, **options)
+            scores_in_range(ref_token, ref_value, score)
+            if not options:
+                assert torch.equal(token, ref_token), (backend, score)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_threshold_one_decides_as_the_reference(backend, device):
+    """Rows whose top probability rounds to 1 in fp32 and rows clearly below it: a threshold of 1.0
+    (exclusive and inclusive) selects the same positions from the kernel's score and the reference's."""
+    logits = random_logits((64, 301), torch.float32, device)
+    certain = torch.rand(64, device=device) < 0.5
+    logits[certain, 5] += 60 + 40 * torch.rand(int(certain.sum()), device=device)  # p rounds to 1
+    token, value = run(backend, logits)
+    ref_token, ref_value = reference(logits)
+    assert torch.equal(token, ref_token)
+    assert (value <= 1).all()
+    for inclusive in (False, True):
+        ours = value >= 1.0 if inclusive else value > 1.0
+        theirs = ref_value >= 1.0 if inclusive else ref_value > 1.0
+        assert torch.equal(ours, theirs), (inclusive, value[ours != theirs], ref_value[ours != theirs])
+    assert torch.equal(value == 1.0, certain)
 
 
 def test_ineligible_rows_are_not_read():

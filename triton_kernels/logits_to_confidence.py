@@ -1,11 +1,13 @@
-"""logits_to_confidence in Triton (SPEC.md section 1); the math mirrors csrc/common/logits_to_confidence.h.
+"""logits_to_confidence in Triton (docs/ops.md); the math mirrors csrc/common/logits_to_confidence.h.
 
 One program scans one vocabulary chunk of one row in tiles of BLOCK_V, keeping the row state of the
-C++ kernels: the largest raw logit (first index) and the runner-up, z = sum 2^(l*c - lmax*c) and
+C++ kernels: the largest raw logit (first index) and the runner-up, z = sum 2^((l - lmax) * c) and
 s1 = sum 2^t * t (per lane, against the running maximum), and for sampling the largest Gumbel key
-l/T + g per lane (its first index and logit). With one chunk per row the program writes (token, score)
-itself; with several, each writes its partial state to a workspace and ``_merge_kernel`` merges the
-states of a row in chunk order. Chunking depends on metadata only (rows, V, SM count).
+l + T * g per lane (its first index and logit). The noise of a tile comes from one Philox call per 4
+columns (counter col // 4, word col % 4; tiles and chunks start on multiples of 4). With one chunk per
+row the program writes (token, score) itself; with several, each writes its partial state to a
+workspace and ``_merge_kernel`` merges the states of a row in chunk order. Chunking depends on metadata
+only (rows, V, SM count).
 """
 
 import torch
@@ -24,16 +26,33 @@ _PROGRAMS_PER_SM = 4  # enough tiles in flight per SM to cover memory latency
 
 
 @triton.jit
-def _uniform(seed, col, row, off_lo, off_hi):
-    """counter_rng.uniform: word 0 of Philox4x32-10 at counter (col, row, off_lo, off_hi), all int32."""
-    x, _, _, _ = tl.philox(seed, col, row, off_lo, off_hi)
-    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+def _to_uniform(word):
+    """The uniform (0, 1) of a random word: ((x >> 9) + 0.5) * 2^-23, exact in fp32."""
+    return ((word >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
 
 
 @triton.jit
-def _rescale(z, s1, m_old, m_new):
-    """(z, s1) summed against exponent base m_old, re-expressed against m_new >= m_old."""
-    d = tl.where(m_old == float("-inf"), 0.0, m_old - m_new)  # nothing summed yet: stay 0, not NaN
+def _uniform(seed, col, row, off_lo, off_hi):
+    """counter_rng.uniform of one column: word col % 4 of Philox4x32-10 at counter (col // 4, row, off)."""
+    w0, w1, w2, w3 = tl.philox(seed, col // 4, row, off_lo, off_hi)
+    word = col % 4
+    return _to_uniform(tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3))))
+
+
+@triton.jit
+def _tile_uniforms(seed, start, row, off_lo, off_hi, BLOCK_V: tl.constexpr):
+    """The uniforms of columns [start, start + BLOCK_V) (start a multiple of 4): one Philox call per 4
+    columns, its words interleaved into column order."""
+    w0, w1, w2, w3 = tl.philox(seed, start // 4 + tl.arange(0, BLOCK_V // 4), row, off_lo, off_hi)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_V])  # [4i + 2b + a] = w_(2b + a)
+    return _to_uniform(words)
+
+
+@triton.jit
+def _rescale(z, s1, d):
+    """(z, s1) summed against a maximum m_old, re-expressed against m_new >= m_old; d = (m_old - m_new) * c,
+    NaN or -inf when nothing was summed yet (m_old = -inf): then z stays 0."""
+    d = tl.where(z == 0.0, 0.0, d)
     w = tl.exp2(d)
     return z * w, w * (s1 + d * z)
 
@@ -66,19 +85,26 @@ def _finalize(
     SCORE: tl.constexpr,
     SAMPLE: tl.constexpr,
 ):
-    """finalize_state: the (token, score) of a row from its whole-row state. A NaN read makes z NaN
-    (its term is NaN and no rescale undoes it), so z stands in for the state's nan flag."""
+    """finalize_state: the (token, score) of a row from its whole-row state, scores clamped to their ranges;
+    a sampled row whose every key rounded to -inf takes its argmax. A NaN read makes z NaN (its term is
+    NaN and no rescale undoes it), so z stands in for the state's nan flag."""
+    if SAMPLE:
+        sampled = kidx >= 0
+        token = tl.where(sampled, kidx, lidx)
+        mass = tl.where(sampled, tl.exp2((kl - lmax) * c), 1.0)
+    else:
+        token = lidx
+        mass = 1.0
     if SCORE == "prob":
-        value = tl.exp2((kl - lmax) * c) / z if SAMPLE else 1.0 / z
+        value = tl.minimum(mass / z, 1.0)
     elif SCORE == "margin":
-        value = -_expm1((l2 - lmax) * c * _LN2) / z
+        value = tl.minimum(-_expm1((l2 - lmax) * c * _LN2) / z, 1.0)
     elif SCORE == "neg_entropy":
-        value = _LN2 * s1 / z - tl.log(z)
+        value = tl.minimum(_LN2 * s1 / z - tl.log(z), 0.0)
     elif SCORE == "logit_margin":
         value = lmax - l2
     else:
         value = _uniform(seed, V, row, off_lo, off_hi)
-    token = kidx if SAMPLE else lidx
     undefined = (z != z) | (lmax == float("inf"))
     empty = lidx < 0
     tl.store(token_ptr + row, tl.where(undefined | empty, -1, token).to(tl.int64))
@@ -101,7 +127,7 @@ def _scan_kernel(
     chunk,
     n_banned,
     c,
-    inv_t,
+    temperature,
     seed,
     off_lo,
     off_hi,
@@ -142,19 +168,19 @@ def _scan_kernel(
             first = tl.min(tl.where(x == tile_max, cols, hi), 0)
             if SCORE == "margin" or SCORE == "logit_margin":
                 l2 = tl.maximum(lmax, tl.max(tl.where(cols == first, float("-inf"), x), 0))
-            z, s1 = _rescale(z, s1, lmax * c, tile_max * c)
+            z, s1 = _rescale(z, s1, (lmax - tile_max) * c)
             lmax = tile_max
             lidx = first
         else:
             l2 = tl.maximum(l2, tile_max)
-        m = lmax * c
-        t = x * c - tl.where(m == float("-inf"), 0.0, m)  # only -inf so far: every term is 0
+        # Exactly 0 at the maximum, so z >= 1; only -inf so far: every term is 0.
+        t = (x - tl.where(lmax == float("-inf"), 0.0, lmax)) * c
         e = tl.exp2(t)
         z += e
         if SCORE == "neg_entropy":
             s1 += e * tl.maximum(t, -1024.0)  # 2^-1024 is 0 in fp32; the clamp avoids 0 * -inf = NaN
         if SAMPLE:
-            key = x * inv_t - tl.log(-tl.log(_uniform(seed, cols, row, off_lo, off_hi)))
+            key = x + temperature * -tl.log(-tl.log(_tile_uniforms(seed, start, row, off_lo, off_hi, BLOCK_V)))
             better = key > kmax  # strict: each lane keeps its first maximum
             kmax = tl.where(better, key, kmax)
             kl = tl.where(better, x, kl)
@@ -234,7 +260,7 @@ def _merge_kernel(
     lidx = tl.max(tl.where(s == at, lidx_s, -1), 0)
     # Runner-up of the union: every chunk's runner-up and every chunk maximum but the winning one.
     l2 = tl.maximum(tl.max(l2_s, 0), tl.max(tl.where(s == at, float("-inf"), lmax_s), 0))
-    z_s, s1_s = _rescale(z_s, s1_s, lmax_s * c, lmax * c)
+    z_s, s1_s = _rescale(z_s, s1_s, (lmax_s - lmax) * c)
     key_max = tl.max(kmax_s, 0)
     key_at = tl.min(tl.where(kmax_s == key_max, s, BLOCK_S), 0)
     kidx = tl.max(tl.where(s == key_at, kidx_s, -1), 0)
@@ -261,16 +287,17 @@ def _merge_kernel(
 
 
 def _plan(n_rows: int, vocab: int, max_block: int, device: torch.device, num_splits: int | None):
-    """(splits, chunk, BLOCK_V) from metadata only."""
-    block_v = min(max_block, triton.next_power_of_2(vocab))
+    """(splits, chunk, BLOCK_V) from metadata only; chunks and tiles start on multiples of 4 (whole Philox
+    calls). ``num_splits`` asks for at most that many chunks."""
+    block_v = min(max_block, max(4, triton.next_power_of_2(vocab)))
     if num_splits is None:
         # Split the vocabulary only as far as needed to give every SM a few programs.
         tiles = triton.cdiv(vocab, block_v)
         splits = min(tiles, triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), n_rows))
         chunk = triton.cdiv(tiles, splits) * block_v  # whole tiles: every chunk starts aligned
         return triton.cdiv(vocab, chunk), chunk, block_v
-    chunk = triton.cdiv(vocab, num_splits)
-    return num_splits, chunk, min(block_v, triton.next_power_of_2(chunk))
+    chunk = triton.cdiv(triton.cdiv(vocab, num_splits), 4) * 4
+    return triton.cdiv(vocab, chunk), chunk, min(block_v, triton.next_power_of_2(chunk))
 
 
 def _int32(value: int) -> int:
@@ -292,7 +319,6 @@ def logits_to_confidence(
 
     sample = temperature > 0
     c = _LOG2E / temperature if sample and tempered_score and score != "logit_margin" else _LOG2E
-    inv_t = 1.0 / temperature if sample else 0.0
     seed = (seed + 2**63) % 2**64 - 2**63  # the int64 two's complement pattern
     off_lo, off_hi = _int32(offset), _int32(offset >> 32)
     if eligible is not None:
@@ -319,7 +345,7 @@ def logits_to_confidence(
         chunk,
         0 if banned is None else banned.numel(),
         c,
-        inv_t,
+        temperature,
         seed,
         off_lo,
         off_hi,

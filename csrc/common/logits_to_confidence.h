@@ -1,12 +1,14 @@
 // logits_to_confidence: the launch description and the per-row reduction state that every compiled
-// backend (csrc/cpu, csrc/cuda) shares. Framework-free; SPEC.md section 1 is the contract and
+// backend (csrc/cpu, csrc/cuda) shares. Framework-free; docs/ops.md is the contract and
 // dllm_kernels/reference/logits_to_confidence.py the readable math.
 //
 // One pass over a row keeps a ConfState: the two largest raw logits (and the first index of the
-// largest), the sum of 2^t with t = l*c - lmax*c (c = log2(e) / T for tempered scores, else log2(e)),
-// the sum of 2^t * t (entropy), and for sampling the largest Gumbel key l/T + g with its first index
-// and logit. States of consecutive vocabulary chunks merge exactly (up to fp32 rounding), so a row
-// may be split across threads or CTAs.
+// largest), the sum of 2^t with t = (l - lmax) * c (c = log2(e) / T for tempered scores, else log2(e)),
+// the sum of 2^t * t (entropy), and for sampling the largest Gumbel key l + T * g (the order of
+// l / T + g, without overflow at small T) with its first index and logit. t is computed from the
+// difference l - lmax, exactly 0 at the maximum, so z >= 1 and every score stays in its range.
+// States of consecutive vocabulary chunks merge exactly (up to fp32 rounding), so a row may be split
+// across threads or CTAs.
 #pragma once
 
 #include <cmath>
@@ -15,12 +17,11 @@
 
 #include "common/macros.h"
 #include "common/philox.h"
+#include "common/types.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-enum DllmDtype { DLLM_FLOAT32 = 0, DLLM_FLOAT16 = 1, DLLM_BFLOAT16 = 2 };
 
 // Same order as SCORES in dllm_kernels/ops/logits_to_confidence.py.
 enum DllmScoreKind {
@@ -39,15 +40,13 @@ typedef struct {
   const bool* eligible;   // [n_outer * n_inner] or NULL (every row)
   const int64_t* banned;  // [n_banned] ids; ids outside [0, vocab) are ignored
   int64_t n_banned;
-  float temperature;  // 0: argmax; > 0: Gumbel-max sample
+  float temperature;  // 0: argmax; in [1e-30, 1e30] (checked by the op): Gumbel-max sample
   int score_kind;     // DllmScoreKind
   int tempered_score;
   uint64_t seed, offset;
   int64_t* token;  // [n_outer * n_inner] outputs, contiguous
   float* score;
 } DllmConfidenceParams;
-
-typedef struct CUstream_st* cudaStream_t;  // as CUDA's driver_types.h declares it
 
 // CPU kernel (csrc/cpu): OpenMP with num_threads threads.
 void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params, int num_threads);
@@ -66,11 +65,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Clamp for t in 2^t * t: 2^-1024 is 0 in fp32, and the clamp keeps 0 * -inf from making a NaN.
 constexpr float kMinExponent = -1024.f;
+// -log(-log u) < 16.7 for every u the generator makes ((x >> 9) + 0.5) * 2^-23 (with the kernels' log
+// approximations too): a logit l with l + T * 17 <= the best key so far cannot win, and needs no noise.
+constexpr float kGumbelBound = 17.f;
 
 struct ConfState {
   float lmax;    // largest raw logit (-inf if none)
   float l2;      // second largest, counting repeats (-inf if none)
-  float z;       // sum of 2^(l*c - lmax*c)
+  float z;       // sum of 2^((l - lmax) * c)
   float s1;      // sum of 2^t * t
   float kmax;    // largest sampling key
   float kl;      // raw logit at kidx
@@ -85,8 +87,8 @@ DLLM_HD DLLM_INLINE ConfState empty_state() {
 
 // Launch constants derived once from the parameters.
 struct ConfConsts {
-  float c;      // log2(e) times the softmax scale
-  float inv_t;  // 1 / T for sampling keys
+  float c;            // log2(e) times the softmax scale
+  float temperature;  // T of the sampling keys l + T * g
   bool sample;
   bool need_top2;
   bool need_entropy;
@@ -95,18 +97,18 @@ struct ConfConsts {
 DLLM_HD DLLM_INLINE ConfConsts make_consts(const DllmConfidenceParams& p) {
   ConfConsts k;
   k.sample = p.temperature > 0.f;
-  k.inv_t = k.sample ? 1.f / p.temperature : 0.f;
+  k.temperature = p.temperature;
   const bool tempered = k.sample && p.tempered_score && p.score_kind != DLLM_SCORE_LOGIT_MARGIN;
-  k.c = tempered ? kLog2e * k.inv_t : kLog2e;
+  k.c = tempered ? kLog2e / p.temperature : kLog2e;
   k.need_top2 = p.score_kind == DLLM_SCORE_MARGIN || p.score_kind == DLLM_SCORE_LOGIT_MARGIN;
   k.need_entropy = p.score_kind == DLLM_SCORE_NEG_ENTROPY;
   return k;
 }
 
-// (z, s1) measured against exponent base m_old, re-expressed against m_new >= m_old.
-DLLM_HD DLLM_INLINE void rescale(float& z, float& s1, float m_old, float m_new) {
+// (z, s1) summed against the maximum lmax_old, re-expressed against lmax_new >= lmax_old; d is
+// (lmax_old - lmax_new) * c. Nothing summed yet (z == 0, lmax_old == -inf) stays 0.
+DLLM_HD DLLM_INLINE void rescale(float& z, float& s1, float d) {
   if (z == 0.f) return;
-  const float d = m_old - m_new;
   const float w = exp2f(d);
   s1 = w * (s1 + d * z);
   z *= w;
@@ -117,8 +119,8 @@ DLLM_HD DLLM_INLINE void merge_states(ConfState& a, const ConfState& b, const Co
   const float lmax = fmaxf(a.lmax, b.lmax);
   if (lmax != -INFINITY) {
     float bz = b.z, bs1 = b.s1;
-    rescale(a.z, a.s1, a.lmax * k.c, lmax * k.c);
-    rescale(bz, bs1, b.lmax * k.c, lmax * k.c);
+    rescale(a.z, a.s1, (a.lmax - lmax) * k.c);
+    rescale(bz, bs1, (b.lmax - lmax) * k.c);
     a.z += bz;
     a.s1 += bs1;
   }
@@ -137,7 +139,10 @@ DLLM_HD DLLM_INLINE void merge_states(ConfState& a, const ConfState& b, const Co
   a.nan |= b.nan;
 }
 
-// The (token, score) of a row from its whole-row state.
+// The (token, score) of a row from its whole-row state. Scores are clamped to their ranges (prob and
+// margin in [0, 1], neg_entropy <= 0) against the last rounding of the division; a sampled row whose
+// every key rounded to -inf (logits near -FLT_MAX at a huge T) takes its argmax, so token == -1 exactly
+// where the score is -inf or NaN.
 DLLM_HD DLLM_INLINE void finalize_state(const ConfState& s, const DllmConfidenceParams& p, const ConfConsts& k,
                                         uint32_t row, int64_t* token, float* score) {
   if (s.nan || s.lmax == INFINITY) {
@@ -150,16 +155,17 @@ DLLM_HD DLLM_INLINE void finalize_state(const ConfState& s, const DllmConfidence
     *score = -INFINITY;
     return;
   }
+  const bool sampled = k.sample && s.kidx >= 0;
   float value;
   switch (p.score_kind) {
     case DLLM_SCORE_PROB:
-      value = (k.sample ? exp2f((s.kl - s.lmax) * k.c) : 1.f) / s.z;
+      value = fminf((sampled ? exp2f((s.kl - s.lmax) * k.c) : 1.f) / s.z, 1.f);
       break;
     case DLLM_SCORE_MARGIN:
-      value = -expm1f((s.l2 - s.lmax) * k.c * kLn2) / s.z;  // exact-ish when l2 ~ lmax
+      value = fminf(-expm1f((s.l2 - s.lmax) * k.c * kLn2) / s.z, 1.f);  // exact-ish when l2 ~ lmax
       break;
     case DLLM_SCORE_NEG_ENTROPY:
-      value = kLn2 * s.s1 / s.z - logf(s.z);
+      value = fminf(kLn2 * s.s1 / s.z - logf(s.z), 0.f);
       break;
     case DLLM_SCORE_LOGIT_MARGIN:
       value = s.lmax - s.l2;
@@ -167,7 +173,7 @@ DLLM_HD DLLM_INLINE void finalize_state(const ConfState& s, const DllmConfidence
     default:
       value = counter_uniform(p.seed, p.offset, row, static_cast<uint32_t>(p.vocab));
   }
-  *token = k.sample ? s.kidx : s.lidx;
+  *token = sampled ? s.kidx : s.lidx;
   *score = value;
 }
 

@@ -1,8 +1,9 @@
 // Counter-based random numbers shared by every backend (framework-free, host and device).
 //
-// A random word is word 0 of Philox4x32-10 (Salmon et al., SC'11) with key (seed_lo, seed_hi) and
-// counter (col, row, offset_lo, offset_hi); its uniform is ((x >> 9) + 0.5) * 2^-23, strictly inside
-// (0, 1) and exact in fp32. dllm_kernels/reference/counter_rng.py is the same definition in PyTorch.
+// The random word of (seed, offset, row, col) is word col % 4 of Philox4x32-10 (Salmon et al., SC'11)
+// with key (seed_lo, seed_hi) and counter (col / 4, row, offset_lo, offset_hi): one call serves four
+// consecutive columns. Its uniform is ((x >> 9) + 0.5) * 2^-23, strictly inside (0, 1) and exact in fp32.
+// dllm_kernels/reference/counter_rng.py is the same definition in PyTorch.
 #pragma once
 
 #include <cstdint>
@@ -35,14 +36,16 @@ struct MulHiLo<uint32_t> {
   }
 };
 
-template <class U>
-DLLM_HD DLLM_INLINE U philox_word0(U c0, U c1, U c2, U c3, uint64_t seed) {
+// The four output words of Philox4x32-10 at counter (c0, c1, c2, c3) are left in c0..c3. Mul: the
+// 32x32 -> 64-bit product of a word type (a kernel may pass a faster one for its instruction set).
+template <class U, class Mul = MulHiLo<U>>
+DLLM_HD DLLM_INLINE void philox4(U& c0, U& c1, U& c2, U& c3, uint64_t seed) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
     U hi0, lo0, hi1, lo1;
-    MulHiLo<U>::run(kPhiloxRoundA, c0, hi0, lo0);
-    MulHiLo<U>::run(kPhiloxRoundB, c2, hi1, lo1);
+    Mul::run(kPhiloxRoundA, c0, hi0, lo0);
+    Mul::run(kPhiloxRoundB, c2, hi1, lo1);
     c0 = hi1 ^ c1 ^ k0;
     c1 = lo1;
     c2 = hi0 ^ c3 ^ k1;
@@ -50,7 +53,6 @@ DLLM_HD DLLM_INLINE U philox_word0(U c0, U c1, U c2, U c3, uint64_t seed) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
 }
 
 DLLM_HD DLLM_INLINE float uniform_from_word(uint32_t x) {
@@ -59,8 +61,9 @@ DLLM_HD DLLM_INLINE float uniform_from_word(uint32_t x) {
 
 // Uniform (0, 1) keyed by (seed, offset, row, col).
 DLLM_HD DLLM_INLINE float counter_uniform(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
-  return uniform_from_word(philox_word0<uint32_t>(col, row, static_cast<uint32_t>(offset),
-                                                  static_cast<uint32_t>(offset >> 32), seed));
+  uint32_t w[4] = {col / 4, row, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
+  philox4<uint32_t>(w[0], w[1], w[2], w[3], seed);
+  return uniform_from_word(w[col % 4]);
 }
 
 }  // namespace dllm

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/types.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -42,8 +43,6 @@ typedef struct {
   bool* selected;  // [rows, length] contiguous outputs
   int32_t* count;  // [rows]
 } DllmSelectParams;
-
-typedef struct CUstream_st* cudaStream_t;  // as CUDA's driver_types.h declares it
 
 void dllm_select_unmask_cpu(const DllmSelectParams* params, int num_threads);
 int dllm_select_unmask_cuda(const DllmSelectParams* params, cudaStream_t stream);

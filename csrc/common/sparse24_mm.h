@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "common/logits_to_confidence.h"  // DllmDtype
+#include "common/types.h"
 
 #ifdef __cplusplus
 extern "C" {

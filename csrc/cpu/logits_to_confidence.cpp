@@ -4,7 +4,13 @@
 //
 // Each chunk is walked in L1-sized blocks: convert to fp32 (banned ids set to -inf), take the block
 // maximum, update the top-1/top-2 logits with a scalar rescan only when the block can change them
-// (rare after the first blocks), then add 2^(l*c - m) over the block in SIMD.
+// (rare after the first blocks), then add 2^((l - lmax) * c) over the block in SIMD.
+//
+// Sampling walks the block in units of 64 columns (chunks start on whole units): one Philox call on 16
+// counters gives the words of 64 consecutive columns (4 a counter), transposed into column order. A
+// unit whose largest logit l has l + T * kGumbelBound <= the best key so far cannot win and draws no noise.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -15,14 +21,61 @@ namespace dllm {
 
 template <>
 struct MulHiLo<simd::vuint> {
+  // Even and odd lanes as 64-bit halves of the register: two 32x32 -> 64 multiplies (vpmuludq), no widening.
   static DLLM_SIMD_INLINE void run(uint32_t a, simd::vuint b, simd::vuint& hi, simd::vuint& lo) {
-    const simd::vuint64 p = __builtin_convertvector(b, simd::vuint64) * static_cast<uint64_t>(a);
-    hi = __builtin_convertvector(p >> 32, simd::vuint);
+    const simd::vuint64x8 pairs = reinterpret_cast<simd::vuint64x8>(b);
+    const simd::vuint64x8 even = (pairs & 0xffffffffu) * a;
+    const simd::vuint64x8 odd = (pairs >> 32) * a;
+    hi = reinterpret_cast<simd::vuint>((even >> 32) | (odd & 0xffffffff00000000u));
     lo = b * a;
   }
 };
 
 namespace {
+
+// Philox on AVX-512. There is no 32-bit high multiply, and GCC lowers the generic 64-bit products to
+// vpmullq (slow on Zen 4). Here 16 words travel as their even and odd lanes, each in the low half of a
+// 64-bit lane (the high halves hold garbage that nothing reads): vpmuludq then gives a full 64-bit
+// product per lane, its high word one shift away and its low word already in place. Plain inline
+// functions with an AVX-512 target: only the AVX-512 clone calls them, and inlines them there (the other
+// clones compile calls they never make).
+struct WordsAvx512 {
+  __m512i even, odd;
+
+  __attribute__((target("avx512f"))) static inline WordsAvx512 of(simd::vuint v) {
+    const __m512i words = reinterpret_cast<__m512i>(v);
+    return {words, _mm512_maskz_srli_epi64(0xFF, words, 32)};
+  }
+  __attribute__((target("avx512f"))) inline simd::vuint words() const {
+    return reinterpret_cast<simd::vuint>(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_maskz_slli_epi64(0xFF, odd, 32)));
+  }
+  __attribute__((target("avx512f"))) friend inline WordsAvx512 operator^(WordsAvx512 a, WordsAvx512 b) {
+    return {_mm512_xor_si512(a.even, b.even), _mm512_xor_si512(a.odd, b.odd)};
+  }
+  __attribute__((target("avx512f"))) friend inline WordsAvx512 operator^(WordsAvx512 a, uint32_t k) {
+    const __m512i key = _mm512_set1_epi32(static_cast<int>(k));
+    return {_mm512_xor_si512(a.even, key), _mm512_xor_si512(a.odd, key)};
+  }
+};
+
+struct MulHiLoAvx512 {
+  // The zero-masked forms: GCC 12 warns that the unmasked ones read an undefined pass-through.
+  __attribute__((target("avx512f"))) static inline void run(uint32_t a, WordsAvx512 b, WordsAvx512& hi,
+                                                             WordsAvx512& lo) {
+    const __m512i factor = _mm512_set1_epi32(static_cast<int>(a));
+    lo = {_mm512_maskz_mul_epu32(0xFF, b.even, factor), _mm512_maskz_mul_epu32(0xFF, b.odd, factor)};
+    hi = {_mm512_maskz_srli_epi64(0xFF, lo.even, 32), _mm512_maskz_srli_epi64(0xFF, lo.odd, 32)};
+  }
+};
+
+// The four Philox words of 16 counters (c0) sharing the rest of the counter (c1..c3), on AVX-512.
+__attribute__((target("avx512f"))) inline void philox4_avx512(simd::vuint c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                                              uint64_t seed, simd::vuint (&w)[4]) {
+  WordsAvx512 c[4] = {WordsAvx512::of(c0), WordsAvx512::of(simd::vuint{} + c1), WordsAvx512::of(simd::vuint{} + c2),
+                      WordsAvx512::of(simd::vuint{} + c3)};
+  philox4<WordsAvx512, MulHiLoAvx512>(c[0], c[1], c[2], c[3], seed);
+  for (int i = 0; i < 4; ++i) w[i] = c[i].words();
+}
 
 using simd::kLanes;
 using simd::vfloat;
@@ -31,13 +84,18 @@ using simd::vuint;
 
 constexpr int64_t kBlock = 2048;                // fp32 block kept in L1
 constexpr int64_t kMinChunk = 16 * 1024;        // smallest vocabulary chunk worth a thread
-static_assert(kBlock % kLanes == 0, "blocks hold whole vectors");
+constexpr int64_t kUnit = 4 * kLanes;           // sampling columns per Philox call on a vector of counters
+// A block whose candidates exceed 3/4 of its columns samples every unit instead (one Philox call per 64
+// columns beats one per 16 candidates there; measured on Zen 4).
+constexpr int64_t kDenseNum = 3, kDenseDen = 4;
+static_assert(kBlock % kUnit == 0, "blocks hold whole sampling units");
 
 struct RowContext {
   const ConfConsts& k;
   const int64_t* banned;  // sorted, in [0, vocab)
   int64_t n_banned;
   uint64_t seed, offset;
+  bool avx512;  // the CPU runs AVX-512 (so the AVX-512 clone is the one running)
 };
 
 // Converts logits[begin, begin + n) to fp32 in buf (padded with -inf to whole vectors, banned ids
@@ -60,6 +118,7 @@ DLLM_SIMD_INLINE float load_block(const T* row, int64_t begin, int64_t n, const 
     vmax = simd::max_ignore_nan(vmax, x);
     vnan |= x != x;
   }
+  for (int64_t j = (n + kLanes - 1) / kLanes * kLanes; j % kUnit != 0; ++j) buf[j] = -INFINITY;  // whole units
   nan |= simd::any(vnan);
   return simd::reduce_max(vmax);
 }
@@ -85,27 +144,60 @@ DLLM_SIMD_INLINE float max_except(const float* buf, int64_t n, int64_t skip) {
   return simd::reduce_max(vmax);
 }
 
-// Sampling keys l / T + g for the block; updates (kmax, kidx, kl) with the first maximum.
+// Words w0..w3 of 16 counters (lane i: columns 4i .. 4i + 3 of a unit) -> the unit's 64 columns in order.
+DLLM_SIMD_INLINE void to_columns(const vuint (&w)[4], vuint (&cols)[4]) {
+  const vint lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const vint hi = lo + 8;
+  const vuint a01 = __builtin_shuffle(w[0], w[1], lo), b01 = __builtin_shuffle(w[0], w[1], hi);
+  const vuint a23 = __builtin_shuffle(w[2], w[3], lo), b23 = __builtin_shuffle(w[2], w[3], hi);
+  const vint first = {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23};
+  const vint second = first + 8;
+  cols[0] = __builtin_shuffle(a01, a23, first);
+  cols[1] = __builtin_shuffle(a01, a23, second);
+  cols[2] = __builtin_shuffle(b01, b23, first);
+  cols[3] = __builtin_shuffle(b01, b23, second);
+}
+
+// Sampling keys l + T * g for the block (begin a multiple of kUnit, buf padded with -inf to whole units);
+// updates (kmax, kidx, kl) with the first maximum.
+template <bool kAvx512>
 DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, uint32_t row_id,
                                    const RowContext& ctx, float* keys, ConfState& st) {
   const vuint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const vuint c1 = vuint{} + row_id;
-  const vuint c2 = vuint{} + static_cast<uint32_t>(ctx.offset);
-  const vuint c3 = vuint{} + static_cast<uint32_t>(ctx.offset >> 32);
-  vfloat vmax = simd::splat(-INFINITY);
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const vuint col = lane + static_cast<uint32_t>(begin + j);
-    const vuint word = philox_word0<vuint>(col, c1, c2, c3, ctx.seed);
-    const vfloat u = (__builtin_convertvector(word >> 9, vfloat) + 0.5f) * 0x1p-23f;
-    const vfloat key = simd::load(buf + j) * ctx.k.inv_t - simd::log(-simd::log(u));
-    simd::store(keys + j, key);
-    vmax = simd::max_ignore_nan(vmax, key);
+  const float temperature = ctx.k.temperature;
+  const float reach = temperature * kGumbelBound;  // l + reach bounds every key of l (rounding is monotone)
+  float best = st.kmax;
+  for (int64_t j = 0; j < n; j += kUnit) {
+    vfloat x[4];
+    for (int v = 0; v < 4; ++v) x[v] = simd::load(buf + j + v * kLanes);
+    const vfloat top = simd::max_ignore_nan(simd::max_ignore_nan(x[0], x[1]), simd::max_ignore_nan(x[2], x[3]));
+    if (!simd::any(top + reach > best)) {
+      for (int v = 0; v < 4; ++v) simd::store(keys + j + v * kLanes, simd::splat(-INFINITY));
+      continue;
+    }
+    const vuint counters = lane + static_cast<uint32_t>((begin + j) / 4);
+    const uint32_t offset_lo = static_cast<uint32_t>(ctx.offset), offset_hi = static_cast<uint32_t>(ctx.offset >> 32);
+    vuint w[4] = {counters, vuint{} + row_id, vuint{} + offset_lo, vuint{} + offset_hi};
+    if constexpr (kAvx512) {
+      philox4_avx512(counters, row_id, offset_lo, offset_hi, ctx.seed, w);
+    } else {
+      philox4<vuint>(w[0], w[1], w[2], w[3], ctx.seed);
+    }
+    vuint cols[4];
+    to_columns(w, cols);
+    vfloat unit_max = simd::splat(-INFINITY);
+    for (int v = 0; v < 4; ++v) {
+      const vfloat u = (__builtin_convertvector(cols[v] >> 9, vfloat) + 0.5f) * 0x1p-23f;
+      const vfloat key = x[v] + temperature * -simd::log(-simd::log(u));
+      simd::store(keys + j + v * kLanes, key);
+      unit_max = simd::max_ignore_nan(unit_max, key);
+    }
+    best = std::max(best, simd::reduce_max(unit_max));
   }
-  const float block_max = simd::reduce_max(vmax);
-  if (!(block_max > st.kmax)) return;
+  if (!(best > st.kmax)) return;
   for (int64_t j = 0; j < n; ++j) {
-    if (keys[j] == block_max) {
-      st.kmax = block_max;
+    if (keys[j] == best) {
+      st.kmax = best;
       st.kidx = begin + j;
       st.kl = buf[j];
       return;
@@ -113,11 +205,66 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
   }
 }
 
+// sample_block on AVX-512, for the candidates only: the columns whose logit l has l + T * kGumbelBound
+// above the best key of the earlier blocks (a few percent of a real vocabulary; every column of the first
+// block). Their indices are compressed into a list (vpcompressd) and each 16 of them take one Philox call
+// on their own counters, with word col % 4 picked per lane: noise and logs only where a key can win.
+// The keys are the same fp32 arithmetic as sample_block's. A standalone AVX-512 function, called only
+// when the CPU has AVX-512 (the other clones compile the call and never make it).
+__attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* buf, int64_t begin, int64_t n,
+                                                               uint32_t row_id, const RowContext& ctx,
+                                                               int32_t* candidates, float* keys, ConfState& st) {
+  const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const float temperature = ctx.k.temperature;
+  const __m512 reach = _mm512_set1_ps(temperature * kGumbelBound), kmax = _mm512_set1_ps(st.kmax);
+  int32_t count = 0;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const __m512 x = reinterpret_cast<__m512>(simd::load(buf + j));
+    const __mmask16 can_win = _mm512_cmp_ps_mask(_mm512_add_ps(x, reach), kmax, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_epi32(candidates + count, can_win,
+                                     reinterpret_cast<__m512i>(lane + static_cast<int32_t>(j)));
+    count += __builtin_popcount(can_win);
+  }
+  if (count * kDenseDen > n * kDenseNum) {
+    sample_block<true>(buf, begin, n, row_id, ctx, keys, st);
+    return;
+  }
+  const uint32_t counter0 = static_cast<uint32_t>(begin / 4);
+  vfloat best = simd::splat(-INFINITY);
+  vint best_at = vint{} - 1;
+  for (int32_t c = 0; c < count; c += kLanes) {
+    const __mmask16 valid = static_cast<__mmask16>(count - c >= kLanes ? 0xFFFF : (1u << (count - c)) - 1);
+    const __m512i at = _mm512_maskz_loadu_epi32(valid, candidates + c);
+    const vint idx = reinterpret_cast<vint>(at);
+    const vfloat x = reinterpret_cast<vfloat>(
+        _mm512_mask_i32gather_ps(_mm512_set1_ps(-INFINITY), valid, at, buf, sizeof(float)));
+    vuint w[4];
+    philox4_avx512(reinterpret_cast<vuint>(idx >> 2) + counter0, row_id, static_cast<uint32_t>(ctx.offset),
+                   static_cast<uint32_t>(ctx.offset >> 32), ctx.seed, w);
+    const vint odd = (idx & 1) != 0;
+    const vuint word = ((idx & 2) != 0) ? (odd ? w[3] : w[2]) : (odd ? w[1] : w[0]);
+    const vfloat u = (__builtin_convertvector(word >> 9, vfloat) + 0.5f) * 0x1p-23f;
+    const vfloat key = x + temperature * -simd::log(-simd::log(u));  // padding lanes: -inf + finite
+    const vint better = key > best;  // strict: each lane keeps its first (lowest-column) maximum
+    best = better ? key : best;
+    best_at = better ? idx : best_at;
+  }
+  const float block_best = simd::reduce_max(best);
+  if (!(block_best > st.kmax)) return;
+  int32_t first = INT32_MAX;
+  for (int i = 0; i < kLanes; ++i)
+    if (best[i] == block_best) first = std::min(first, best_at[i]);
+  st.kmax = block_best;
+  st.kidx = begin + first;
+  st.kl = buf[first];
+}
+
 template <class T>
 DLLM_SIMD_INLINE void scan_chunk_impl(const T* row, int64_t begin, int64_t end, uint32_t row_id,
                                       const RowContext& ctx, ConfState& st) {
   alignas(64) float buf[kBlock];
   alignas(64) float keys[kBlock];
+  alignas(64) int32_t candidates[kBlock];
   const ConfConsts& k = ctx.k;
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = std::min(kBlock, end - start);
@@ -125,20 +272,26 @@ DLLM_SIMD_INLINE void scan_chunk_impl(const T* row, int64_t begin, int64_t end, 
     if (block_max > st.lmax) {  // the row's maximum moves into this block
       const int64_t j = find_first(buf, n, block_max);
       if (k.need_top2) st.l2 = std::max(st.lmax, max_except(buf, n, j));
-      rescale(st.z, st.s1, st.lmax * k.c, block_max * k.c);
+      rescale(st.z, st.s1, (st.lmax - block_max) * k.c);
       st.lmax = block_max;
       st.lidx = start + j;
     } else if (block_max > st.l2) {
       st.l2 = block_max;
     }
-    if (k.sample) sample_block(buf, start, n, row_id, ctx, keys, st);
+    if (k.sample) {
+      if (ctx.avx512) {
+        sample_candidates(buf, start, n, row_id, ctx, candidates, keys, st);
+      } else {
+        sample_block<false>(buf, start, n, row_id, ctx, keys, st);
+      }
+    }
     if (st.lmax == -INFINITY) continue;  // nothing but -inf so far: no mass to add
 
-    const float m = st.lmax * k.c;
+    const float m = st.lmax;
     vfloat z = vfloat{}, s1 = vfloat{};
     const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
     for (int64_t j = 0; j < padded; j += kLanes) {
-      const vfloat t = simd::load(buf + j) * k.c - m;
+      const vfloat t = (simd::load(buf + j) - m) * k.c;  // exactly 0 at the maximum: z >= 1
       const vfloat e = simd::exp2(t);
       z += e;
       if (k.need_entropy) s1 += e * simd::select(t > kMinExponent, t, simd::splat(kMinExponent));
@@ -177,7 +330,8 @@ extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params
   for (int64_t i = 0; i < p.n_banned; ++i)
     if (p.banned[i] >= 0 && p.banned[i] < p.vocab) banned.push_back(p.banned[i]);
   std::sort(banned.begin(), banned.end());
-  const RowContext ctx{k, banned.data(), static_cast<int64_t>(banned.size()), p.seed, p.offset};
+  const RowContext ctx{k, banned.data(), static_cast<int64_t>(banned.size()), p.seed, p.offset,
+                       static_cast<bool>(__builtin_cpu_supports("avx512f"))};
 
   std::vector<int64_t> rows;
   rows.reserve(n_rows);
@@ -192,13 +346,15 @@ extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params
   const int64_t n_eligible = static_cast<int64_t>(rows.size());
   if (n_eligible == 0) return;
 
-  // Split rows across threads only when rows alone cannot keep every thread busy.
+  // Split rows across threads only when rows alone cannot keep every thread busy; chunks are whole
+  // sampling units (a chunk then starts on a Philox counter boundary).
   int64_t splits = 1;
   if (n_eligible < num_threads) {
     splits = std::min<int64_t>((num_threads + n_eligible - 1) / n_eligible,
                                std::max<int64_t>(1, p.vocab / kMinChunk));
   }
-  const int64_t chunk = (p.vocab + splits - 1) / splits;
+  const int64_t chunk = ((p.vocab + splits - 1) / splits + kUnit - 1) / kUnit * kUnit;
+  splits = (p.vocab + chunk - 1) / chunk;
   const int64_t n_items = n_eligible * splits;
   std::vector<ConfState> states(n_items, empty_state());
   const char* base = static_cast<const char*>(p.logits);

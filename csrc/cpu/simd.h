@@ -23,7 +23,7 @@ constexpr int kLanes = 16;
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint64_t vuint64 __attribute__((vector_size(128)));
+typedef uint64_t vuint64x8 __attribute__((vector_size(64)));  // the same register as 8 64-bit lanes
 typedef uint16_t vhalf_bits __attribute__((vector_size(32)));
 
 DLLM_SIMD_INLINE vfloat splat(float x) { return vfloat{} + x; }
@@ -131,7 +131,9 @@ DLLM_SIMD_INLINE vfloat exp2(vfloat x) {
   return select(tiny, vfloat{}, p * reinterpret_cast<vfloat>(bits));
 }
 
-// Natural log for positive normal x (relative error ~1e-7).
+// Natural log for positive normal x (relative error ~1e-7), without a division: x = 2^e * m with m in
+// [sqrt(1/2), sqrt(2)), and log m = f - f^2 / 2 + f^3 P(f), f = m - 1, P the degree-8 minimax polynomial
+// of the Cephes library's logf.
 DLLM_SIMD_INLINE vfloat log(vfloat x) {
   vint bits = reinterpret_cast<vint>(x);
   vint e = ((bits >> 23) & 0xff) - 127;
@@ -139,16 +141,18 @@ DLLM_SIMD_INLINE vfloat log(vfloat x) {
   const vint big = m > 1.41421356f;
   m = select(big, m * 0.5f, m);
   e = e + (big & 1);
-  // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172: series to s^11 is exact to ~1e-9.
-  const vfloat s = (m - 1.f) / (m + 1.f);
-  const vfloat s2 = s * s;
-  vfloat q = splat(1.f / 11.f);
-  q = q * s2 + 1.f / 9.f;
-  q = q * s2 + 1.f / 7.f;
-  q = q * s2 + 1.f / 5.f;
-  q = q * s2 + 1.f / 3.f;
-  q = q * s2 + 1.f;
-  return 2.f * s * q + __builtin_convertvector(e, vfloat) * 0.6931471805599453f;
+  const vfloat f = m - 1.f;
+  const vfloat f2 = f * f;
+  vfloat p = splat(7.0376836292e-2f);
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  return f + (p * f * f2 - 0.5f * f2) + __builtin_convertvector(e, vfloat) * 0.6931471805599453f;
 }
 
 }  // namespace dllm::simd

@@ -1,5 +1,5 @@
 // logits_to_confidence on CUDA. Framework-free: raw pointers in, launches on the caller's stream.
-// SPEC.md section 1 is the contract; csrc/cpu/logits_to_confidence.cpp is the same algorithm on the CPU.
+// docs/ops.md is the contract; csrc/cpu/logits_to_confidence.cpp is the same algorithm on the CPU.
 //
 // One CTA per (row, vocabulary chunk). A row is read in "groups": the 16-byte-aligned slots of
 // W = 16 / sizeof(element) elements, so every row reads whole vectors whatever its alignment (only
@@ -35,8 +35,6 @@ constexpr int64_t kMaxBanWords = 12032;
 static_assert(kMaxBanWords * 4 + kWarps * sizeof(ConfState) <= 48 * 1024, "more shared memory needs an opt-in");
 constexpr int64_t kMaxChunkGroups = int64_t{1} << 26;  // chunk offsets in elements fit an int
 constexpr unsigned kFullMask = 0xffffffffu;
-// -log(-log u) < 16.7 for every u the generator makes ((x >> 9) + 0.5) * 2^-23.
-constexpr float kGumbelBound = 17.f;
 
 // Element bits -> float for each storage dtype; kNegInf is the bit pattern of -inf (padding).
 template <class StorageT, uint32_t NegInf>
@@ -145,18 +143,46 @@ struct Chunk {
   }
 };
 
+// Adds 2^t (and 2^t * t) of the group, t = (x - lmax) * c: exactly 0 at the maximum, so z >= 1.
 template <int W, bool kEntropy>
-__device__ __forceinline__ void accumulate(const float (&x)[W], float m, float c, ConfState& st) {
+__device__ __forceinline__ void accumulate(const float (&x)[W], float lmax, float c, ConfState& st) {
   float z = 0.f, s1 = 0.f;
 #pragma unroll
   for (int j = 0; j < W; ++j) {
-    const float t = x[j] * c - m;
+    const float t = (x[j] - lmax) * c;
     const float e = exp2_ftz(t);
     z += e;
     if constexpr (kEntropy) s1 += e * fmaxf(t, kMinExponent);  // -inf logit: 0 * -1024, not 0 * -inf
   }
   st.z += z;
   if constexpr (kEntropy) st.s1 += s1;
+}
+
+// Sampling keys x + T * g of the group of indices [idx0, idx0 + W), S = idx0 mod 4 (a template
+// parameter, so that every Philox word is a register): one Philox call per 4 columns, counter col / 4,
+// word col % 4. Unfused multiply and add, as on the CPU. Indices only grow within a thread, so a strict
+// comparison keeps the first index of a maximum.
+template <int W, int S>
+__device__ __forceinline__ void sample_group(const float (&x)[W], int64_t idx0, const RowCtx& ctx, ConfState& st) {
+  constexpr int kCounters = (S + W + 3) / 4;
+  const uint32_t counter0 = static_cast<uint32_t>((idx0 - S) >> 2);  // idx0 - S: a multiple of 4 (floor)
+#pragma unroll
+  for (int i = 0; i < kCounters; ++i) {  // one counter's four words live at a time (64 registers a thread)
+    uint32_t w[4] = {counter0 + i, ctx.row, ctx.offset_lo, ctx.offset_hi};
+    philox4<uint32_t>(w[0], w[1], w[2], w[3], ctx.seed);
+#pragma unroll
+    for (int word = 0; word < 4; ++word) {
+      const int j = 4 * i + word - S;  // the group element of this word
+      if (j < 0 || j >= W) continue;
+      const float g = -logf(-logf(uniform_from_word(w[word])));
+      const float key = __fadd_rn(x[j], __fmul_rn(ctx.k.temperature, g));
+      if (key > st.kmax) {
+        st.kmax = key;
+        st.kidx = idx0 + j;
+        st.kl = x[j];
+      }
+    }
+  }
 }
 
 // Adds the group of indices [idx0, idx0 + W) (banned: bit j set = index idx0 + j is banned) to st.
@@ -188,7 +214,7 @@ __device__ __forceinline__ void process_group(const uint4& raw, int64_t idx0, ui
 #pragma unroll
     for (int j = 0; j < W; ++j)
       if (j != first) second = fmaxf(second, x[j]);
-    rescale(st.z, st.s1, st.lmax * k.c, vmax * k.c);
+    rescale(st.z, st.s1, (st.lmax - vmax) * k.c);
     st.l2 = second;
     st.lmax = vmax;
     st.lidx = idx0 + first;
@@ -196,31 +222,31 @@ __device__ __forceinline__ void process_group(const uint4& raw, int64_t idx0, ui
     st.l2 = vmax;
   }
 
+  // key = x + T * g with g < kGumbelBound and rounding monotone: when vmax + T * kGumbelBound <= kmax no
+  // key of the group can win, and it draws no noise.
   if constexpr (kSample) {
-#pragma unroll
-    for (int j = 0; j < W; ++j) {
-      // Unfused mul and sub, as on the CPU. key = scaled + g with g < kGumbelBound, and rounding is
-      // monotone, so when scaled + kGumbelBound <= kmax the key cannot win: skip the generator.
-      const float scaled = __fmul_rn(x[j], k.inv_t);
-      if (__fadd_rn(scaled, kGumbelBound) > st.kmax) {
-        const uint32_t word = philox_word0<uint32_t>(static_cast<uint32_t>(idx0 + j), ctx.row, ctx.offset_lo,
-                                                     ctx.offset_hi, ctx.seed);
-        const float key = __fsub_rn(scaled, logf(-logf(uniform_from_word(word))));
-        if (key > st.kmax) {
-          st.kmax = key;
-          st.kidx = idx0 + j;
-          st.kl = x[j];
-        }
+    if (__fadd_rn(vmax, __fmul_rn(k.temperature, kGumbelBound)) > st.kmax) {
+      switch (static_cast<int>(idx0 & 3)) {
+        case 0:
+          sample_group<W, 0>(x, idx0, ctx, st);
+          break;
+        case 1:
+          sample_group<W, 1>(x, idx0, ctx, st);
+          break;
+        case 2:
+          sample_group<W, 2>(x, idx0, ctx, st);
+          break;
+        default:
+          sample_group<W, 3>(x, idx0, ctx, st);
       }
     }
   }
 
   if (st.lmax == -INFINITY) return;  // only -inf so far: no mass, and no exp2(-inf - -inf)
-  const float m = st.lmax * k.c;
   if (k.need_entropy) {
-    accumulate<W, true>(x, m, k.c, st);
+    accumulate<W, true>(x, st.lmax, k.c, st);
   } else {
-    accumulate<W, false>(x, m, k.c, st);
+    accumulate<W, false>(x, st.lmax, k.c, st);
   }
 }
 

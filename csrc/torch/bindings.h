@@ -5,7 +5,7 @@
 
 #include <torch/extension.h>
 
-#include "common/logits_to_confidence.h"  // DllmDtype
+#include "common/types.h"
 
 namespace dllm::bindings {
 
