@@ -4,7 +4,6 @@ import torch
 
 import dllm_kernels
 from dllm_kernels.bench import Case
-from dllm_kernels.ops._common import rows_view
 from dllm_kernels.ops.logits_to_confidence import dispatcher
 from dllm_kernels.reference.logits_to_confidence import logits_to_confidence as reference
 

@@ -180,7 +180,8 @@ def _scan_kernel(
         if SCORE == "neg_entropy":
             s1 += e * tl.maximum(t, -1024.0)  # 2^-1024 is 0 in fp32; the clamp avoids 0 * -inf = NaN
         if SAMPLE:
-            key = x + temperature * -tl.log(-tl.log(_tile_uniforms(seed, start, row, off_lo, off_hi, BLOCK_V)))
+            u = _tile_uniforms(seed, start, row, off_lo, off_hi, BLOCK_V)
+            key = x + temperature * -tl.log(-tl.log(u))
             better = key > kmax  # strict: each lane keeps its first maximum
             kmax = tl.where(better, key, kmax)
             kl = tl.where(better, x, kl)

@@ -112,10 +112,7 @@ def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None, core_product=Non
     ``core_product(inner)``: ``S . inner`` for the fp32 ``inner [..., K]`` (a backend's kernel; default
     ``sparse_product``)."""
     inner = block_diagonal_apply(wrap_in, x)
-    if core_product is None:
-        sparse = sparse_product(inner, values, meta)
-    else:
-        sparse = core_product(inner)
+    sparse = sparse_product(inner, values, meta) if core_product is None else core_product(inner)
     out = block_diagonal_apply(wrap_out, sparse)
     if bias is not None:
         out = out + bias.float()
