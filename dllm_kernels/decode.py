@@ -7,8 +7,11 @@ active block / sub-block); schedules come from ``dllm_kernels.schedules``. Every
 the answer it would get alone (the frameworks' own loops are B = 1, or share one count per batch).
 Nothing syncs with the host, so a step can be captured in a CUDA graph.
 
-Where a framework samples (temperature > 0) the tokens follow the same distribution but come from
-this library's counter-based generator (``seed``, ``offset``), not from ``torch.rand``.
+Each recipe reproduces its framework's released step code by default (docs/recipes.md lists the
+sources and every difference). Where a framework samples (temperature > 0) the tokens follow the same
+distribution but come from this library's counter-based generator (``seed``, ``offset``), not from
+``torch.rand``. Probabilities are exact (fp32 accumulation of the softmax) where some frameworks run
+the softmax in the model's dtype, and entropies have no epsilon inside the log.
 """
 
 import inspect
@@ -39,11 +42,19 @@ def _step(logits, x, eligible, *, shift=False, **options):
     return x, selected, count
 
 
+def _choice(option, value, choices: dict):
+    if value not in choices:
+        raise ValueError(
+            f"dllm::decode_step: {option} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        )
+    return choices[value]
+
+
 def llada(logits, x, eligible, *, k, remasking="low_confidence", temperature=0.0, **options):
     """LLaDA ``generate.py``: Gumbel-max token at ``temperature``, confidence ``softmax(l)[token]``
     (``remasking="low_confidence"``) or uniform noise (``"random"``); unmask the ``k[b]`` most confident
     (``k`` from ``schedules.llada_transfer_counts``)."""
-    score = {"low_confidence": "prob", "random": "random"}[remasking]
+    score = _choice("remasking", remasking, {"low_confidence": "prob", "random": "random"})
     return _step(
         logits,
         x,
@@ -57,21 +68,27 @@ def llada(logits, x, eligible, *, k, remasking="low_confidence", temperature=0.0
     )
 
 
-def fast_dllm(logits, x, eligible, *, threshold=0.9, factor=None, temperature=0.0, **options):
+def fast_dllm(
+    logits, x, eligible, *, threshold=0.9, factor=None, factor_rule="upstream", temperature=0.0, **options
+):
     """Fast-dLLM v1 (``llada/generate.py``): LLaDA's token and fp64 ``softmax(l)[token]``; unmask every
     position with ``confidence >= threshold`` and always the best one, or, with ``factor``, the
-    ``c_i >= 1 - factor / (i + 1)`` prefix. (Fast-dLLM's factor loop also commits the last rank when
-    that is the first to fail; this follows the rule as written.)"""
+    ``c_i >= 1 - factor / (i + 1)`` prefix. ``factor_rule="upstream"`` (default) is the released loop,
+    which also commits the last rank when that is the first to fail (policy ``factor_upstream``);
+    ``"as_written"`` is the paper's rule (policy ``factor``)."""
     if factor is None:
         selection = dict(policy="threshold", threshold=threshold, inclusive=True)
     else:
-        selection = dict(policy="factor", factor=factor)
+        policy = _choice("factor_rule", factor_rule, {"upstream": "factor_upstream", "as_written": "factor"})
+        selection = dict(policy=policy, factor=factor)
     return _step(logits, x, eligible, temperature=temperature, min_per_row=1, **selection, **options)
 
 
-def fast_dllm_v2(logits, x, eligible, *, threshold=0.9, temperature=0.0, **options):
-    """Fast-dLLM v2: logits shifted by one; ``p = softmax(l / T)``; unmask ``p[token] > threshold`` inside
-    the sub-block (``eligible``), always the best one. Every row is sampled (v2 samples only row 0)."""
+def fast_dllm_v2(logits, x, eligible, *, threshold=0.95, temperature=0.0, **options):
+    """Fast-dLLM v2 (``batch_sample``): logits shifted by one; ``p = softmax(l / T)``; unmask
+    ``p[token] > threshold`` inside the sub-block (``eligible``), always the best one. Every row is
+    sampled (v2 samples only row 0; no top-p here). Upstream's softmax runs in the logits' dtype, so with
+    bf16 logits it compares bf16 probabilities (0.95 acts as 0.9492); this compares exact ones."""
     return _step(
         logits,
         x,
@@ -90,9 +107,9 @@ def fast_dllm_v2(logits, x, eligible, *, threshold=0.9, temperature=0.0, **optio
 def dream(logits, x, eligible, *, k, alg="maskgit_plus", temperature=0.0, **options):
     """Dream ``_sample`` with ``alg_temp=None`` and no top-p / top-k: logits shifted by one,
     ``p = softmax(l / T)``, confidence ``p[token]`` ("maskgit_plus"), ``p_top1 - p_top2``
-    ("topk_margin") or ``sum p log p`` ("entropy"); unmask the ``k[b]`` most confident
-    (``k`` from ``schedules.dream_transfer_count``, per row)."""
-    score = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}[alg]
+    ("topk_margin") or ``sum p log p`` ("entropy"; Dream adds 1e-10 inside the log, this is exact);
+    unmask the ``k[b]`` most confident (``k`` from ``schedules.dream_transfer_count``, per row)."""
+    score = _choice("alg", alg, {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"})
     return _step(
         logits,
         x,
@@ -128,7 +145,8 @@ def sdar(logits, x, eligible, *, k, threshold=0.85, temperature=1.0, **options):
 
 def dparallel(logits, x, eligible, *, threshold=0.5, temperature=0.0, **options):
     """dParallel (LLaDA version): unmask every position whose entropy of ``softmax(l)`` is
-    ``<= threshold``, and always the lowest-entropy one."""
+    ``<= threshold``, and always the lowest-entropy one (dParallel adds 1e-12 inside the log; this is
+    exact)."""
     return _step(
         logits,
         x,
@@ -188,10 +206,33 @@ RECIPES = {
 }
 
 
+# Options every recipe passes through to logits_to_confidence.
+_PASS_THROUGH = ("banned", "seed", "offset")
+
+
+def _recipe_options(recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every option name, the required ones) of a recipe function."""
+    keyword = [
+        p for p in inspect.signature(recipe).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    required = tuple(p.name for p in keyword if p.default is inspect.Parameter.empty)
+    return (*(p.name for p in keyword), *_PASS_THROUGH), required
+
+
 def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *, recipe: str, **options):
     """One decode step of ``recipe`` (one of ``RECIPES``): returns ``(x, selected, count)``, ``x`` updated
     in place. ``options`` are the recipe's keyword arguments (see each recipe's docstring) plus
     ``banned``, ``seed`` and ``offset`` for ``logits_to_confidence``."""
     if recipe not in RECIPES:
         raise ValueError(f"dllm::decode_step: recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+    names, required = _recipe_options(RECIPES[recipe])
+    unknown = [name for name in options if name not in names]
+    if unknown:
+        raise TypeError(
+            f"dllm::decode_step: recipe {recipe!r} takes the options {', '.join(names)}; "
+            f"got unknown {', '.join(map(repr, unknown))}"
+        )
+    missing = [name for name in required if name not in options]
+    if missing:
+        raise TypeError(f"dllm::decode_step: recipe {recipe!r} needs {', '.join(missing)}; got none")
     return RECIPES[recipe](logits, x, eligible, **options)

@@ -129,12 +129,14 @@ def _select_kernel(
 
     if POLICY == "topk":
         n = top_k
-    elif POLICY == "factor":
+    elif POLICY == "factor" or POLICY == "factor_upstream":
         c = _score_of((ranked >> 32).to(tl.int32))
         factor = _fp64(fac_hi, fac_lo)
         bound = 1.0 - factor / (rank0 + 2).to(tl.float64)  # 1 - factor / (i + 1), i = rank0 + 1
         fails = in_range & (rank0 > 0) & ~(c >= bound)  # rank 1 always passes
         n = tl.min(tl.where(fails, rank0, n_selectable), 0).to(tl.int64)
+        if POLICY == "factor_upstream":  # Fast-dLLM's released loop also commits a last rank that fails first
+            n = tl.where(n == n_selectable - 1, n_selectable.to(tl.int64), n)
     elif POLICY == "all":
         n = n_selectable.to(tl.int64)
     else:  # "threshold", "topk_or_threshold": how many selectable scores pass (a prefix of the order)

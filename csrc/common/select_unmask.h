@@ -1,6 +1,6 @@
 // select_unmask: the launch description and the per-row count rule shared by the compiled backends.
-// Framework-free; SPEC.md section 2 is the contract and dllm_kernels/reference/select_unmask.py the
-// readable statement.
+// Framework-free; docs/ops.md is the contract and dllm_kernels/reference/select_unmask.py the readable
+// statement.
 //
 // Every policy reduces to a count n per row: select the first n selectable positions of the stable
 // descending order on (score, -position). Selectable = eligible, score neither -inf nor NaN.
@@ -23,6 +23,7 @@ enum DllmPolicy {
   DLLM_POLICY_FACTOR = 2,
   DLLM_POLICY_TOPK_OR_THRESHOLD = 3,
   DLLM_POLICY_ALL = 4,
+  DLLM_POLICY_FACTOR_UPSTREAM = 5,
 };
 
 typedef struct {
@@ -63,6 +64,11 @@ DLLM_HD DLLM_INLINE bool passes_threshold(const DllmSelectParams& p, float score
   return p.inclusive ? s >= p.threshold : s > p.threshold;
 }
 
+// The policies that need the longest passing prefix of the sorted order.
+DLLM_HD DLLM_INLINE bool uses_factor(int policy) {
+  return policy == DLLM_POLICY_FACTOR || policy == DLLM_POLICY_FACTOR_UPSTREAM;
+}
+
 // Fast-dLLM's factor rule at 1-based rank i: c_i >= 1 - factor / (i + 1); rank 1 always passes.
 DLLM_HD DLLM_INLINE bool passes_factor(const DllmSelectParams& p, float score, int64_t rank) {
   return rank == 1 || static_cast<double>(score) >= 1.0 - p.factor / static_cast<double>(rank + 1);
@@ -84,6 +90,9 @@ DLLM_HD DLLM_INLINE int64_t select_count(const DllmSelectParams& p, int64_t row,
       break;
     case DLLM_POLICY_FACTOR:
       n = factor_prefix;
+      break;
+    case DLLM_POLICY_FACTOR_UPSTREAM:  // Fast-dLLM's released loop also commits a last rank that fails first
+      n = factor_prefix == n_selectable - 1 ? n_selectable : factor_prefix;
       break;
     case DLLM_POLICY_TOPK_OR_THRESHOLD:
       n = n_pass >= k ? n_pass : top_k;

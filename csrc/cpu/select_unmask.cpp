@@ -44,14 +44,14 @@ void select_row(const DllmSelectParams& p, int64_t row, Entry* entries) {
     for (const Entry* e = entries; e < end; ++e) n_pass += dllm::passes_threshold(p, e->score);
   }
   int64_t factor_prefix = 0;
-  if (p.policy == DLLM_POLICY_FACTOR) {
+  if (dllm::uses_factor(p.policy)) {
     std::sort(entries, end, before);
     while (factor_prefix < n_selectable && dllm::passes_factor(p, entries[factor_prefix].score, factor_prefix + 1)) {
       ++factor_prefix;
     }
   }
   const int64_t n = dllm::select_count(p, row, n_selectable, n_pass, factor_prefix);
-  if (n < n_selectable && p.policy != DLLM_POLICY_FACTOR) std::nth_element(entries, entries + n, end, before);
+  if (n < n_selectable && !dllm::uses_factor(p.policy)) std::nth_element(entries, entries + n, end, before);
 
   bool* selected = p.selected + row * p.length;
   std::memset(selected, 0, static_cast<size_t>(p.length));

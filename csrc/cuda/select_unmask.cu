@@ -359,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) select_kernel(const D
 
     int64_t factor = 0;
     Sorted sorted{0, 0};
-    if (p.policy == DLLM_POLICY_FACTOR) factor = factor_prefix(p, keys, row, st, buf, sort_cap, sm, sorted);
+    if (uses_factor(p.policy)) factor = factor_prefix(p, keys, row, st, buf, sort_cap, sm, sorted);
     const int64_t n = select_count(p, r, st.n_sel, st.n_pass, factor);
 
     // The cut: selected = selectable and key >= cut (or, when the count is the threshold's, passing).
@@ -408,7 +408,7 @@ extern "C" int dllm_select_unmask_cuda(const DllmSelectParams* params, cudaStrea
   if (p.rows <= 0) return cudaSuccess;
   if (p.length < 0 || p.length > kMaxLength) return cudaErrorInvalidValue;
   int sort_cap = 0;  // the factor policy's sort buffer: a power of two >= min(length, kSortCap)
-  if (p.policy == DLLM_POLICY_FACTOR && p.length > 0) {
+  if (uses_factor(p.policy) && p.length > 0) {
     sort_cap = 1;
     while (sort_cap < p.length && sort_cap < kSortCap) sort_cap *= 2;
   }

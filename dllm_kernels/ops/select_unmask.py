@@ -10,7 +10,7 @@ from ..reference import select_unmask as reference
 from ._common import OpError, describe
 
 OP = "select_unmask"
-POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all")
+POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all", "factor_upstream")
 _NEEDS_K = ("topk", "topk_or_threshold")
 _err = OpError(OP)
 
@@ -36,8 +36,10 @@ def select_unmask(
             selectable when eligible and its score is neither ``-inf`` nor NaN; nothing else is selected.
         policy: "topk" (the ``k[b]`` best; LLaDA, Dream), "threshold" (``score > threshold``, ``>=`` when
             ``inclusive``; Fast-dLLM, SGLang), "factor" (Fast-dLLM's ``c_i >= 1 - factor / (i + 1)``
-            prefix), "topk_or_threshold" (SDAR: every passing position when at least ``k[b]`` pass, else
-            the top ``k[b]``), "all" (Prophet's commit of everything).
+            prefix, as the paper writes it), "factor_upstream" (as Fast-dLLM's released code runs it: a
+            row whose first failing rank is its last commits that rank too), "topk_or_threshold" (SDAR:
+            every passing position when at least ``k[b]`` pass, else the top ``k[b]``), "all" (Prophet's
+            commit of everything).
         k: int32 / int64 ``[B]`` on the score's device; needed by "topk" and "topk_or_threshold";
             clamped to the selectable count, ``k <= 0`` selects nothing.
         threshold, inclusive, factor: compared in fp64 with the fp32 score widened exactly.

@@ -9,6 +9,8 @@ lower position first. Every policy picks a count ``n`` and selects the first ``n
   prefix of the order
 - ``factor``: the longest prefix with ``c_i >= 1 - factor / (i + 1)`` at every 1-based rank ``i``;
   rank 1 always passes
+- ``factor_upstream``: ``factor``, except that a row whose first failing rank is its last (``n = S - 1``)
+  selects all ``S``: what Fast-dLLM's released loop does
 - ``topk_or_threshold``: the threshold's ``n`` if it reaches ``k[b]``, else ``min(k[b], S)``
 - ``all``: ``n = S``
 
@@ -52,9 +54,11 @@ def select_unmask(
         n = top_k
     elif policy == "threshold":
         n = n_pass
-    elif policy == "factor":
+    elif policy in ("factor", "factor_upstream"):
         ok = (ranked >= 1.0 - factor / (rank.double() + 1.0)) | (rank == 1)  # bound in fp64
         n = (torch.cumprod((ok & in_range).long(), -1)).sum(-1)
+        if policy == "factor_upstream":
+            n = torch.where(n == n_selectable - 1, n_selectable, n)
     elif policy == "topk_or_threshold":
         n = torch.where(n_pass >= k_row, n_pass, top_k)
     elif policy == "all":
