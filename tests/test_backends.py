@@ -102,3 +102,36 @@ def test_missing_extension_warns_once_and_falls_back():
     assert "could not be loaded" in lines[0]
     assert lines[1].startswith("unavailable: compiled extension not loaded")
     assert lines[2] == "1"
+
+
+def test_meta_tensors_take_the_fake_kernel(monkeypatch):
+    """Plain meta tensors get shapes from the fake kernel: no provider is ever chosen for them."""
+
+    def refuse(self, device, *args, **kwargs):
+        raise AssertionError(f"{self.op}: a provider was chosen for {device}")
+
+    monkeypatch.setattr(dllm_kernels._backends.Dispatcher, "select", refuse)
+    meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, device="meta", dtype=dtype)
+    int32 = torch.int32
+    token, score = dllm_kernels.logits_to_confidence(meta(2, 3, 10), meta(2, 3, dtype=torch.bool))
+    assert token.shape == score.shape == (2, 3) and token.dtype == torch.int64
+    selected, count = dllm_kernels.select_unmask(
+        meta(2, 5), meta(2, 5, dtype=torch.bool), k=meta(2, dtype=torch.int64)
+    )
+    assert selected.shape == (2, 5) and count.shape == (2,) and count.dtype == int32
+    out, lse = dllm_kernels.block_attention(
+        meta(1, 4, 2, 8),
+        meta(1, 8, 2, 8),
+        meta(1, 8, 2, 8),
+        meta(1, dtype=int32),
+        meta(1, dtype=int32),
+        return_lse=True,
+    )
+    assert out.shape == (1, 4, 2, 8) and lse.shape == (1, 2, 4)
+    values, meta16 = meta(4, 16), meta(4, 2, dtype=torch.int16)
+    assert dllm_kernels.sparse24_mm(meta(3, 32), values, meta16).shape == (3, 4)
+    assert dllm_kernels.decompress_24(values, meta16).shape == (4, 32)
+    compressed = dllm_kernels.compress_24(meta(4, 32))
+    assert compressed[0].shape == (4, 16) and compressed[1].shape == (4, 2)
+    with pytest.raises(RuntimeError, match="dllm::sparse24_mm: x must have shape"):
+        dllm_kernels.sparse24_mm(meta(3, 16), values, meta16)  # the fake kernel checks too

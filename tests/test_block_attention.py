@@ -262,14 +262,42 @@ def _bad_calls():
             "q_start must be on q's device cpu; got meta",
         ),
         "q ndim": ((q[0], kc, vc, qs, kl), {}, RuntimeError, "q must be a 4-dim tensor; got [8, 4, 16]"),
+        "no query heads": (
+            (q[:, :, :0], kc, vc, qs, kl),
+            dict(k_new=kn, v_new=vn),
+            RuntimeError,
+            "Hq must be a positive multiple of Hkv >= 1; got Hq = 0, Hkv = 2",
+        ),
+        "no KV heads": ((q, kc[:, :, :0], vc[:, :, :0], qs, kl), {}, RuntimeError, "got Hq = 4, Hkv = 0"),
+        "head dim 0": (
+            (q[..., :0], kc[..., :0], vc[..., :0], qs, kl),
+            dict(k_new=kn[..., :0], v_new=vn[..., :0]),
+            RuntimeError,
+            "the head dim D must be >= 1; got q of shape [2, 8, 4, 0]",
+        ),
+        "None q": ((None, kc, vc, qs, kl), {}, TypeError, "q must be a Tensor; got NoneType"),
+        "expanded k_cache written": (
+            (q, kc[:1].expand(2, 32, 2, 16), vc, qs, kl),
+            dict(k_new=kn, v_new=vn),
+            RuntimeError,
+            "k_cache is written in place, so its elements must not overlap in memory; got shape [2, 32, 2",
+        ),
+        "v_cache is k_cache": (
+            (q, kc, kc, qs, kl),
+            dict(k_new=kn, v_new=vn),
+            RuntimeError,
+            "k_cache and v_cache are written in place, so they must not share memory",
+        ),
     }
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
-def test_bad_input_messages(case):
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
+def test_bad_input_messages(case, backend):
+    """Every backend refuses the call with the same message, and nothing was written into the caches."""
     args, kwargs, exc, fragment = _bad_calls()[case]
     caches = (args[1].clone(), args[2].clone())
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc) as info, use_backend(backend):
         dllm_kernels.block_attention(*args, **kwargs)
     message = str(info.value)
     assert message.startswith("dllm::block_attention: "), message
@@ -293,3 +321,111 @@ def test_triton_split_kv_head_dim_96_and_unread_keys(splits):
     out, lse = launch(q, k_cache, v_cache, q_start, kv_len, None, None, 32, None, True, num_splits=splits)
     assert_close(out, ref_out)
     assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
+def test_empty_batch_and_block(backend, device):
+    """B = 0 and Sq = 0 give empty results (nothing written); an empty cache gives out 0, lse -inf."""
+    dtype = dtypes_for(backend, device)[0]
+    q, k_cache, v_cache, new = tensors(device, dtype, 2, 4, 16, heads=(4, 2), head_dim=64)
+    q_start, kv_len = int32([0, 4], device), int32([4, 8], device)
+    reason = dispatcher.why_not(backend, q.device, q, k_cache, v_cache, q_start, kv_len, explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
+    caches = (k_cache.clone(), v_cache.clone())
+    with use_backend(backend):
+        out, lse = dllm_kernels.block_attention(
+            q[:0], k_cache[:0], v_cache[:0], q_start[:0], kv_len[:0], return_lse=True
+        )
+        assert out.shape == (0, 4, 4, 64) and lse.shape == (0, 4, 4)
+        empty = {name: t[:, :0] for name, t in new.items()}
+        out, lse = dllm_kernels.block_attention(
+            q[:, :0], k_cache, v_cache, q_start, kv_len, return_lse=True, **empty
+        )
+        assert out.shape == (2, 0, 4, 64) and lse.shape == (2, 4, 0)
+        assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+        zero = int32([0, 0], device)
+        out, lse = dllm_kernels.block_attention(
+            q, k_cache[:, :0], v_cache[:, :0], zero, zero, return_lse=True
+        )
+        assert (out == 0).all() and (lse == -math.inf).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
+def test_invisible_keys_never_matter(backend, device):
+    """NaN / inf in the cache past kv_len, and in key blocks after a query's own (block-causal), change
+    nothing on any backend, the reference included; the fused K / V buffer of a real model (K and V
+    interleaved in one tensor) is written without an overlap error."""
+    dtype = dtypes_for(backend, device)[0]
+    n_heads, n_kv, head_dim = 4, 2, 64
+    kv = torch.randn(2, 96, 2, n_kv, head_dim, device=device).to(dtype)  # [B, S, K|V, Hkv, D]
+    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    q = torch.randn(2, 8, n_heads, head_dim, device=device).to(dtype)
+    k_new = torch.randn(2, 8, n_kv, head_dim, device=device).to(dtype)
+    v_new = torch.randn(2, 8, n_kv, head_dim, device=device).to(dtype)
+    q_start, kv_len = int32([16, 40], device), int32([64, 80], device)
+    reason = dispatcher.why_not(backend, q.device, q, k_cache, v_cache, q_start, kv_len, explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
+    for block_size in (0, 16):
+        clean = kv.clone()
+        with use_backend(backend):
+            want = dllm_kernels.block_attention(
+                q,
+                clean[:, :, 0],
+                clean[:, :, 1],
+                q_start,
+                kv_len,
+                k_new=k_new,
+                v_new=v_new,
+                block_size=block_size,
+                return_lse=True,
+            )
+        poisoned = kv.clone()
+        poisoned[0, 64:] = math.nan  # past kv_len
+        poisoned[1, 80:, 0], poisoned[1, 80:, 1] = math.nan, math.inf
+        if block_size:  # the queries sit in blocks 1 (16..23) and 2 (40..47): later key blocks are unseen
+            poisoned[0, 32:64] = math.nan
+            poisoned[1, 48:80, 1] = math.inf
+        with use_backend(backend):
+            got = dllm_kernels.block_attention(
+                q,
+                poisoned[:, :, 0],
+                poisoned[:, :, 1],
+                q_start,
+                kv_len,
+                k_new=k_new,
+                v_new=v_new,
+                block_size=block_size,
+                return_lse=True,
+            )
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (backend, block_size)
+        assert torch.isfinite(got[0]).all()
+        assert torch.equal(poisoned[0, 16:24, 0], k_new[0]), "the fused write into the K half"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_query_gives_the_same_lse_everywhere(device):
+    """A NaN anywhere in a query that sees a key makes that (query, head)'s out and lse NaN on every backend;
+    a query that sees no key keeps out 0, lse -inf."""
+    results = {}
+    for backend in [*KERNEL_BACKENDS, "reference"]:
+        dtype = torch.float16 if device == "cpu" else torch.bfloat16
+        q, k_cache, v_cache, _ = tensors(device, dtype, 2, 8, 40, heads=(4, 2), head_dim=64, new=False)
+        q_start, kv_len = int32([8, 0], device), int32([24, 0], device)
+        if dispatcher.why_not(backend, q.device, q, k_cache, v_cache, q_start, kv_len, explicit=True):
+            continue
+        q = q.clone()
+        q[0, 2, 1, 5] = math.nan
+        q[1, 3, 0, 0] = math.nan  # row 1 sees nothing
+        with use_backend(backend):
+            results[backend] = dllm_kernels.block_attention(
+                q, k_cache, v_cache, q_start, kv_len, return_lse=True
+            )
+    assert len(results) >= 2
+    for backend, (out, lse) in results.items():
+        assert torch.isnan(lse[0, 1, 2]) and torch.isnan(out[0, 2, 1]).all(), backend
+        assert torch.isnan(lse).sum() == 1 and torch.isnan(out).sum() == out.shape[-1], backend
+        assert (lse[1] == -math.inf).all() and (out[1] == 0).all(), backend

@@ -275,15 +275,31 @@ def _bad_calls():
             ValueError,
             "factor must be finite; got inf",
         ),
+        "None eligible": ((s, None), dict(k=k), TypeError, "eligible must be a Tensor; got NoneType"),
+        "expanded x": (
+            (s, e),
+            dict(k=k, token=x, x=torch.zeros(1, 8, dtype=torch.int64).expand(3, 8)),
+            RuntimeError,
+            "x is written in place, so its elements must not overlap in memory; got shape [3, 8] with "
+            "strides [0, 1]",
+        ),
+        "overlapping x rows": (
+            (s, e),
+            dict(k=k, token=x, x=torch.zeros(20, dtype=torch.int64).as_strided((3, 8), (4, 1))),
+            RuntimeError,
+            "x is written in place, so its elements must not overlap",
+        ),
     }
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
-def test_bad_input_messages(case):
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
+def test_bad_input_messages(case, backend):
+    """Every backend refuses the call with the same message before writing anything."""
     args, kwargs, exc, fragment = _bad_calls()[case]
     x = kwargs.get("x")
     before = None if x is None else x.clone()
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc) as info, use_backend(backend):
         dllm_kernels.select_unmask(*args, **kwargs)
     message = str(info.value)
     assert message.startswith("dllm::select_unmask: "), message

@@ -1,5 +1,10 @@
 """2:4 sparsity: the format (exact), every backend's products against the reference, the module, errors."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from helpers import DEVICES, KERNEL_BACKENDS, assert_close
@@ -93,6 +98,88 @@ def test_armor_linear_matches_reference(backend, device, dtype):
     # A x S x B as three dense products, written out
     dense = torch.block_diag(*wrap_out.float()) @ (weight * mask).float() @ torch.block_diag(*wrap_in.float())
     assert_close(got, (x.float() @ dense.T + bias.float()).to(dtype))
+
+
+def kept_products(x, weight, mask):
+    """sum over kept k of x[m, k] * w[n, k] in float64 IEEE arithmetic: the classes (NaN, +-inf) any correct
+    backend must give, pruned columns absent."""
+    n, k = weight.shape
+    kept = mask.nonzero()[:, 1].view(n, k // 2)  # [N, K/2] kept columns of each row
+    products = x.double()[:, kept] * weight.double().gather(1, kept)[None]  # [M, N, K/2]
+    return products.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
+def test_non_finite_x_meets_kept_weights_only(backend, device, dtype):
+    """A pruned position is absent, not a zero: NaN / inf in x at a pruned column never reach the output;
+    at a kept one they meet the weight in IEEE arithmetic (a kept zero times inf is NaN). Every backend
+    gives the same NaN / inf pattern as the float64 sum over kept elements."""
+    weight, mask, _, _ = pruned(48, 64, dtype, device)
+    weight[0, mask[0].nonzero()[0, 0]] = 0  # a kept zero in row 0
+    values, meta = dllm_kernels.compress_24(weight, mask)
+    x = torch.randn(6, 64, device=device).to(dtype)
+    pruned_col = (~mask[1]).nonzero()[0, 0]
+    kept_col = mask[2].nonzero()[0, 0]
+    x[0, pruned_col] = float("nan")  # pruned by row 1, maybe kept by others
+    x[1, pruned_col] = float("inf")
+    x[2, kept_col] = float("-inf")
+    x[3, mask[0].nonzero()[0, 0]] = float("inf")  # meets row 0's kept zero: NaN there
+    x[4, kept_col], x[4, (~mask[2]).nonzero()[0, 0]] = float("inf"), float("-inf")
+    args = (x, values, meta)
+    reason = dispatchers["sparse24_mm"].why_not(backend, x.device, *args, None, explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
+    with use_backend(backend):
+        got = dllm_kernels.sparse24_mm(*args).float()
+    want = kept_products(x, weight, mask)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), backend
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)) and torch.equal(
+        torch.isneginf(got), torch.isneginf(want)
+    )
+    assert not torch.isnan(got[1, 1]) and torch.isnan(got[3, 0]), "the scenario's premise"
+    finite = torch.isfinite(want)
+    assert_close(got[finite].to(dtype), want[finite].float(), reduction=64)
+
+
+def test_debug_checks_catch_invalid_meta_in_products():
+    """DLLM_DEBUG_CHECKS=1 (read at import) makes the products check meta's values (decompress_24 always
+    does)."""
+    code = """
+        import torch, dllm_kernels
+        values, meta = dllm_kernels.compress_24(torch.randn(8, 32))
+        bad, x = torch.zeros_like(meta), torch.randn(2, 32)
+        eye = lambda n: torch.eye(n)[None]
+        calls = {"sparse24_mm": (x, values, bad), "armor_linear": (x, eye(32), values, bad, eye(8))}
+        for op, args in calls.items():
+            try:
+                getattr(dllm_kernels, op)(*args)
+                print(op, "no error")
+            except ValueError as e:
+                print(str(e).split(";")[0])
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "DLLM_DEBUG_CHECKS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rule = "meta must hold, for every group of 4, the code i0 | i1 << 2 of two kept positions i0 < i1"
+    assert result.stdout.splitlines() == [f"dllm::sparse24_mm: {rule}", f"dllm::armor_linear: {rule}"]
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0), (0, 0)], ids=str)
+def test_empty_weights(shape):
+    weight = torch.randn(shape)
+    mask = dllm_kernels.prune_24(weight)
+    assert mask.shape == shape
+    for given in (None, mask):
+        values, meta = dllm_kernels.compress_24(weight, given)
+        assert values.shape == (shape[0], shape[1] // 2) and meta.shape == (shape[0], shape[1] // 16)
+        assert torch.equal(dllm_kernels.decompress_24(values, meta), weight)
 
 
 def test_sparse24_linear_module_round_trips():
@@ -211,6 +298,25 @@ def _bad_calls():
             RuntimeError,
             "wrap_out's blocks must tile 8 exactly",
         ),
+        "repeated index in meta": (
+            "decompress_24",
+            (v, torch.zeros_like(meta)),
+            ValueError,
+            "row 0, group 0 (columns 0..3) has code 0x0 (i0 = 0, i1 = 0)",
+        ),
+        "descending pair in meta": (
+            "decompress_24",
+            (
+                v,
+                meta.clone().index_put_(
+                    (torch.tensor([3]), torch.tensor([1])), torch.tensor(0x4441, dtype=torch.int16)
+                ),
+            ),
+            ValueError,
+            "row 3, group 4 (columns 16..19) has code 0x1 (i0 = 1, i1 = 0)",
+        ),
+        "None weight": ("compress_24", (None,), TypeError, "weight must be a Tensor; got NoneType"),
+        "None x": ("sparse24_mm", (None, v, meta), TypeError, "x must be a Tensor; got NoneType"),
     }
 
 
