@@ -168,7 +168,7 @@ def _cases():
         "ws_f": "*fp32",
         "ws_i": "*i32",
         "c": "fp32",
-        "inv_t": "fp32",
+        "temperature": "fp32",
         "seed": "i64",
     }
     scan_types |= {n: "i32" for n in ("n_inner", "stride_o", "stride_i", "V", "chunk", "n_banned")}

@@ -20,10 +20,10 @@ fp32 partial tile to a workspace ``[splits, M, N]`` and ``_sparse24_reduce_kerne
 order (deterministic: no atomics) and runs the epilogue. Tiles, splits and warps come from metadata only
 (M, N, K, dtype, wrap block size, SM count; a notional 132 SMs under the interpreter), one config each.
 
-Non-finite x. A pruned position is absent, not a zero (reference.sparse24.sparse_product): a K tile of x
-holding a NaN or inf runs its finite part through the dot and adds the non-finite entries' effect, found
-with 0 / 1 products, to the outputs whose weight rows keep them. A runtime branch: tiles of finite x (all,
-in practice) pay one reduction of the x tile.
+Non-finite x. A pruned position is absent, not a zero (reference.sparse24.sparse_product): the dot sees
+x's finite part only, and a program that met a NaN or inf walks its chunk again after the main loop,
+adding the non-finite entries' effect (found with 0 / 1 products) to the outputs whose weight rows keep
+them. A runtime branch: finite x (all of it, in practice) pays one reduction and one select per x tile.
 
 Epilogue: ``blockdiag(wrap_out)`` (armor_linear), then bias, then the store in the output dtype. An N
 tile that is a multiple of wrap_out's block size holds whole diagonal blocks, so the tile's output is
@@ -111,21 +111,26 @@ def _kept_tile(meta_ptr, rows, rows_ok, k0, stride_meta, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _nonfinite_effect(w, kept, xt, PRECISION: tl.constexpr):
-    """What the non-finite entries of an x tile do to ``W_tile @ x_tile^T`` over the kept elements only
-    (reference.sparse24.sparse_product): 0, +inf, -inf or NaN per output, from 0 / 1 products."""
-    nan = xt != xt
-    up = xt == float("inf")
-    down = xt == float("-inf")
-    dt = w.dtype
-    to_nan = tl.dot(kept.to(dt), nan.to(dt), input_precision=PRECISION)
-    to_nan = tl.dot((kept & (w == 0)).to(dt), (up | down).to(dt), to_nan, input_precision=PRECISION)
-    to_pos = tl.dot((w > 0).to(dt), up.to(dt), input_precision=PRECISION)
-    to_pos = tl.dot((w < 0).to(dt), down.to(dt), to_pos, input_precision=PRECISION)
-    to_neg = tl.dot((w < 0).to(dt), up.to(dt), input_precision=PRECISION)
-    to_neg = tl.dot((w > 0).to(dt), down.to(dt), to_neg, input_precision=PRECISION)
-    effect = tl.where(to_pos > 0, float("inf"), tl.where(to_neg > 0, float("-inf"), 0.0))
-    return tl.where((to_nan > 0) | ((to_pos > 0) & (to_neg > 0)), float("nan"), effect)
+def _add_nonfinite(acc, w, kept, xt):
+    """acc + what the non-finite entries of an x slice (16 columns) do to ``W @ x^T`` over the kept elements
+    only (reference.sparse24.sparse_product), in IEEE arithmetic: a NaN meeting a kept weight or an inf
+    meeting a kept zero makes NaN, an inf meeting a positive / negative weight adds +inf / -inf (so both
+    together make NaN). Found with 0 / 1 products in fp16 (counts of at most 32: exact), one class at a
+    time, so that a single extra half-size tile lives beside acc."""
+    nan = (xt != xt).to(tl.float16)
+    up = (xt == float("inf")).to(tl.float16)
+    down = (xt == float("-inf")).to(tl.float16)
+    positive = (w > 0).to(tl.float16)
+    negative = (w < 0).to(tl.float16)
+    hits = tl.dot(kept.to(tl.float16), nan, out_dtype=tl.float16)
+    hits = tl.dot((kept & (w == 0)).to(tl.float16), up + down, hits, out_dtype=tl.float16)
+    acc = tl.where(hits > 0, float("nan"), acc)
+    hits = tl.dot(positive, up, out_dtype=tl.float16)
+    hits = tl.dot(negative, down, hits, out_dtype=tl.float16)
+    acc += tl.where(hits > 0, float("inf"), 0.0)
+    hits = tl.dot(negative, up, out_dtype=tl.float16)
+    hits = tl.dot(positive, down, hits, out_dtype=tl.float16)
+    return acc - tl.where(hits > 0, float("inf"), 0.0)
 
 
 @triton.jit
@@ -200,8 +205,10 @@ def _sparse24_kernel(
     lo = tl.multiple_of(tl.program_id(2) * chunk, 16)
     hi = tl.minimum(lo + chunk, K)
     offs_k = tl.arange(0, BLOCK_K)
-    xt_ptrs = x_ptr + cols.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
+    x_rows = x_ptr + cols.to(tl.int64)[None, :] * stride_xm
+    xt_ptrs = x_rows + offs_k[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    seen_bad = tl.zeros((), tl.int32)
     for k0 in range(lo, hi, BLOCK_K):
         w = _weight_tile(
             values_ptr, meta_ptr, rows, rows_ok, k0, stride_v, stride_meta, BLOCK_N, BLOCK_K, UPCAST
@@ -209,14 +216,11 @@ def _sparse24_kernel(
         xt = tl.load(xt_ptrs + k0, mask=cols_ok[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
-        # A pruned position is absent, not a zero: a non-finite x there must not reach the output (0 * inf).
-        # Rare, so a tile holding one takes a slow path: x's finite part through the dot, the non-finite
-        # entries' effect on the outputs whose rows keep them added as 0 / +-inf / NaN.
+        # A pruned position is absent, not a zero: a non-finite x there must not reach the dot (0 * inf). The
+        # tile's finite part goes through the dot; the non-finite entries' effect is added after the loop.
         bad = (xt != xt) | (tl.abs(xt) == float("inf"))
-        if tl.max(bad.to(tl.int32)) > 0:
-            kept = _kept_tile(meta_ptr, rows, rows_ok, k0, stride_meta, BLOCK_N, BLOCK_K)
-            acc += _nonfinite_effect(w, kept, xt, PRECISION)
-            xt = tl.where(bad, 0.0, xt)
+        seen_bad |= tl.max(tl.max(bad.to(tl.int32), 1), 0)
+        xt = tl.where(bad, 0.0, xt)
         if X_SPLIT:
             # fp32 x with a 16-bit weight: x = hi + lo, each exact in the weight's dtype to ~2^-22 / 2^-17.
             x_hi = xt.to(w.dtype)
@@ -225,6 +229,18 @@ def _sparse24_kernel(
             acc = tl.dot(w, x_lo, acc)
         else:
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    if seen_bad != 0:
+        # Rare: walk the chunk again in slices of 16 columns, registers freed by the main loop (small tiles,
+        # one class at a time).
+        for k1 in range(lo, hi, 16):
+            w_part = _weight_tile(
+                values_ptr, meta_ptr, rows, rows_ok, k1, stride_v, stride_meta, BLOCK_N, 16, UPCAST
+            )
+            kept = _kept_tile(meta_ptr, rows, rows_ok, k1, stride_meta, BLOCK_N, 16)
+            x_part = tl.load(x_rows + (k1 + tl.arange(0, 16))[:, None], mask=cols_ok[None, :], other=0.0)
+            if UPCAST:
+                x_part = x_part.to(tl.float32)
+            acc = _add_nonfinite(acc, w_part, kept, x_part)
     if SPLIT:
         ws = ws_ptr + (tl.program_id(2) * M).to(tl.int64) * N
         ws_ptrs = ws + cols.to(tl.int64)[None, :] * N + rows[:, None]
@@ -281,6 +297,8 @@ def _tiles(m: int, dtype: torch.dtype, wrap_bs: int, device: torch.device):
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
     if wrap_bs > block_n:
         block_n, warps = wrap_bs, max(warps, wrap_bs // 16)
+    if block_n * block_m > 128 * 64 and wrap_bs >= 128:
+        block_m = 64  # the 128-wide block-diagonal epilogue beside a 128 x 128 tile spills on sm_90
     return block_m, block_n, block_k, warps, stages
 
 
