@@ -5,6 +5,7 @@ Every op has a plain-PyTorch reference and, where built, ``cuda``, ``triton`` an
 """
 
 from . import (
+    _backends,
     _registry,  # noqa: F401  (defines the schemas before any op registers kernels)
     nn,
     schedules,
@@ -34,3 +35,5 @@ __all__ = [
     "use_backend",
 ]
 __version__ = "0.1.0"
+
+_backends.enable_compiled_dispatch()

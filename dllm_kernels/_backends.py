@@ -3,8 +3,12 @@
 Automatic choice walks ``cuda -> triton -> cpu -> reference`` and takes the first backend that is
 installed and says it supports the call. It looks only at metadata (device, dtype, shape, strides,
 what was built), never at tensor values, and reads no environment variable per call: ``DLLM_BACKEND``
-is read once, at import. ``use_backend(name)`` overrides both; an explicitly requested backend that
-cannot run the call raises instead of falling back.
+and ``DLLM_DEBUG_CHECKS`` are read once, at import. ``use_backend(name)`` overrides both; an explicitly
+requested backend that cannot run the call raises instead of falling back.
+
+The compiled extension registers its kernels for the CPU and CUDA dispatch keys: a call with nothing
+pinned that the Python checks would accept and hand to that kernel anyway runs there without entering
+Python (csrc/torch/fast_path.h). Every other call reaches the implementation registered here.
 """
 
 import contextlib
@@ -21,6 +25,8 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 # Triton kernels run on CPU tensors only in the interpreter, and only when asked for by name.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Value checks that read tensors (a host sync on a GPU): off unless asked for.
+DEBUG_CHECKS = os.environ.get("DLLM_DEBUG_CHECKS") == "1"
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,12 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dllm_backe
 def use_backend(name: str | None):
     """Run every dllm op inside the block on backend ``name`` (``None``: automatic choice)."""
     token = _forced.set(None if name is None else _check_name(name))
+    pinned = _extension.set_pinned(name is not None)
     try:
         yield
     finally:
         _forced.reset(token)
+        _extension.restore_pinned(pinned)
 
 
 def _device_supported(backend: str, device_type: str, explicit: bool) -> str | None:
@@ -185,6 +193,7 @@ def define_op(
     checked_args: Callable[..., tuple],
     fake: Callable[..., object],
     prepare: Callable[..., tuple] | None = None,
+    choices: tuple[str, ...] = (),
 ) -> Dispatcher:
     """Registers the fake kernel and the implementation of ``dllm::<op>`` (schema in ``_registry``) and
     returns the op's dispatcher, for its modules to register providers with.
@@ -193,7 +202,9 @@ def define_op(
     fake kernel (FakeTensor and meta tensors) gets them as ``fake(*arguments)``. The implementation is
     registered for CompositeExplicitAutograd, so every device type reaches it: it runs ``prepare`` (checks
     that read values, defaults computed from values; real tensors only) and then the provider that
-    ``Dispatcher.select`` picks for the first argument's device."""
+    ``Dispatcher.select`` picks for the first argument's device. The op's C++ kernels (if any) hand this
+    implementation every call they do not take; ``choices``: the names of the op's string argument, in the
+    order of the kernels' enum."""
     dispatcher = Dispatcher(op)
 
     @torch.library.register_fake(f"dllm::{op}")
@@ -207,4 +218,13 @@ def define_op(
         return dispatcher.select(arguments[0].device, *arguments).run(*arguments)
 
     _registry.lib.impl(op, _impl, "CompositeExplicitAutograd")
+    if _extension._C is not None:
+        _extension._C.set_python_impl(op, _impl, list(choices))
     return dispatcher
+
+
+def enable_compiled_dispatch():
+    """Let the C++ kernels take calls (once every op is defined); not with DLLM_DEBUG_CHECKS, whose value
+    checks live in Python."""
+    if _extension._C is not None:
+        _extension._C.set_fast_path(not DEBUG_CHECKS, _ENV_BACKEND is not None)

@@ -19,3 +19,18 @@ else:
 
 def cuda_built() -> bool:
     return _C is not None and bool(_C.cuda_built)
+
+
+def set_pinned(pinned: bool | None) -> int | None:
+    """Tell the C++ kernels whether a backend is pinned on this thread (None: the default); returns the
+    state it replaces, for ``restore_pinned``."""
+    if _C is None:
+        return None
+    previous = _C.get_pinned()
+    _C.set_pinned(-1 if pinned is None else int(pinned))
+    return previous
+
+
+def restore_pinned(state: int | None):
+    if _C is not None and state is not None:
+        _C.set_pinned(state)

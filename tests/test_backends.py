@@ -60,12 +60,22 @@ def test_unknown_backend_name():
 
 
 def test_env_pins_backend_once_at_import():
+    """DLLM_BACKEND pins every call of the process, the ones the compiled kernels would take included."""
     code = """
         import torch, dllm_kernels
-        from dllm_kernels.ops.logits_to_confidence import dispatcher
-        print(dispatcher.select(torch.device("cpu"), torch.randn(1, 1, 4)).backend)
+        from dllm_kernels.ops import logits_to_confidence
+        from dllm_kernels.reference import logits_to_confidence as reference
+        print(logits_to_confidence.dispatcher.select(torch.device("cpu"), torch.randn(1, 1, 4)).backend)
+        calls = []
+        def spy(*args):
+            calls.append(1)
+            return reference.logits_to_confidence(*args)
+        logits_to_confidence.dispatcher.register("reference")(spy)
+        logits_to_confidence.dispatcher._candidates.clear()
+        dllm_kernels.logits_to_confidence(torch.randn(2, 9))
+        print(len(calls))
     """
-    assert python(code, DLLM_BACKEND="reference").stdout.strip() == "reference"
+    assert python(code, DLLM_BACKEND="reference").stdout.split() == ["reference", "1"]
     bad = python(code, DLLM_BACKEND="fast")
     assert bad.returncode != 0 and "unknown backend 'fast'" in bad.stderr
 
@@ -135,3 +145,96 @@ def test_meta_tensors_take_the_fake_kernel(monkeypatch):
     assert compressed[0].shape == (4, 16) and compressed[1].shape == (4, 2)
     with pytest.raises(RuntimeError, match="dllm::sparse24_mm: x must have shape"):
         dllm_kernels.sparse24_mm(meta(3, 16), values, meta16)  # the fake kernel checks too
+
+
+COMPILED_OPS = ("logits_to_confidence", "select_unmask", "sparse24_mm")
+
+
+def test_compiled_kernels_take_the_dispatch_keys():
+    """The extension's kernels sit on the CPU (and CUDA) dispatch keys, so a call stays in C++."""
+    if dllm_kernels._extension._C is None:
+        pytest.skip("no compiled extension")
+    for op in COMPILED_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dllm::{op}", "CPU"), op
+
+
+def _calls():
+    """One representative call of each op with a compiled kernel, fresh inputs."""
+    logits, logits_eligible = torch.randn(3, 5, 301), torch.rand(3, 4) < 0.5
+    score, eligible = torch.randn(4, 37), torch.rand(4, 37) < 0.6
+    k = torch.randint(0, 5, (4,))
+    weight = torch.randn(24, 64)
+    values, meta = dllm_kernels.compress_24(weight)
+    x, bias = torch.randn(3, 64), torch.randn(24)
+    return {
+        "logits_to_confidence": lambda: dllm_kernels.logits_to_confidence(
+            logits[:, 1:], logits_eligible, temperature=0.7, seed=5, score="margin"
+        ),
+        "select_unmask": lambda: dllm_kernels.select_unmask(
+            score, eligible, k=k, policy="topk_or_threshold", threshold=0.2
+        ),
+        "sparse24_mm": lambda: dllm_kernels.sparse24_mm(x, values, meta, bias),
+    }
+
+
+def _same(a, b):
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("op", COMPILED_OPS)
+def test_compiled_path_equals_the_pinned_cpu_backend(op, monkeypatch):
+    """Unpinned, the C++ kernel takes the call without Python; pinned to cpu, Python picks the same kernel:
+    the answers are bitwise equal, and Python is entered only when pinned."""
+    if dllm_kernels._extension._C is None:
+        pytest.skip("no compiled extension")
+    call = _calls()[op]
+    entered = []
+    original = dllm_kernels._backends.Dispatcher.select
+
+    def spy(self, device, *args, **kwargs):
+        entered.append(self.op)
+        return original(self, device, *args, **kwargs)
+
+    monkeypatch.setattr(dllm_kernels._backends.Dispatcher, "select", spy)
+    automatic = call()
+    assert entered == [], "an unpinned call that the compiled kernel takes entered Python"
+    with use_backend("cpu"):
+        pinned = call()
+    assert entered == [op]
+    assert _same(automatic, pinned)
+
+
+def test_pins_are_per_thread_and_reach_the_compiled_path(monkeypatch):
+    """A use_backend block sends every call on its thread through Python to the pinned backend; another
+    thread keeps the compiled path."""
+    import threading
+
+    chosen = []
+    original = dllm_kernels._backends.Dispatcher.select
+
+    def spy(self, device, *args, **kwargs):
+        provider = original(self, device, *args, **kwargs)
+        chosen.append((threading.current_thread().name, provider.backend))
+        return provider
+
+    monkeypatch.setattr(dllm_kernels._backends.Dispatcher, "select", spy)
+    logits = torch.randn(2, 50)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def pinned_worker():
+        with use_backend("reference"):
+            dllm_kernels.logits_to_confidence(logits)
+            inside.set()
+            release.wait(timeout=30)
+
+    worker = threading.Thread(target=pinned_worker, name="pinned")
+    worker.start()
+    assert inside.wait(timeout=30)
+    dllm_kernels.logits_to_confidence(logits)  # main thread, unpinned, while the worker holds its pin
+    release.set()
+    worker.join(timeout=30)
+    expected_main = [] if dllm_kernels._extension._C is not None else [("MainThread", "reference")]
+    assert chosen == [("pinned", "reference"), *expected_main], chosen

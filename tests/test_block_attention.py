@@ -292,7 +292,7 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", [None, *KERNEL_BACKENDS, "reference"])
 def test_bad_input_messages(case, backend):
     """Every backend refuses the call with the same message, and nothing was written into the caches."""
     args, kwargs, exc, fragment = _bad_calls()[case]

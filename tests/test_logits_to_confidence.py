@@ -334,9 +334,11 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
-def test_bad_input_messages(case):
+@pytest.mark.parametrize("backend", [None, *KERNEL_BACKENDS, "reference"])
+def test_bad_input_messages(case, backend):
+    """The same message whichever backend runs (None: automatic choice, the compiled path)."""
     args, kwargs, exc, fragment = _bad_calls()[case]
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc) as info, use_backend(backend):
         dllm_kernels.logits_to_confidence(*args, **kwargs)
     message = str(info.value)
     assert message.startswith("dllm::logits_to_confidence: "), message

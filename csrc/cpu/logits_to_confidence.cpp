@@ -84,6 +84,7 @@ using simd::vuint;
 
 constexpr int64_t kBlock = 2048;                // fp32 block kept in L1
 constexpr int64_t kMinChunk = 16 * 1024;        // smallest vocabulary chunk worth a thread
+constexpr int64_t kMinParallel = 32 * 1024;     // fewer logits than this: one thread beats a fork / join
 constexpr int64_t kUnit = 4 * kLanes;           // sampling columns per Philox call on a vector of counters
 // A block whose candidates exceed 3/4 of its columns samples every unit instead (one Philox call per 64
 // columns beats one per 16 candidates there; measured on Zen 4).
@@ -360,7 +361,7 @@ extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params
   const char* base = static_cast<const char*>(p.logits);
   const size_t esize = element_size(p.dtype);
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (n_items > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (n_items > 1 && n_eligible * p.vocab >= kMinParallel)
   for (int64_t item = 0; item < n_items; ++item) {
     const int64_t r = rows[item / splits];
     const int64_t begin = (item % splits) * chunk;

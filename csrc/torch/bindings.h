@@ -1,6 +1,7 @@
 // Thin torch bindings of the framework-free kernels: turn tensors into raw pointers and strides,
-// allocate outputs, pick the stream. Argument checks live in Python (dllm_kernels/ops), which is the
-// only caller; the TORCH_CHECKs here guard the internal contract.
+// allocate outputs, pick the stream. Each op's file registers its kernel for the CPU and CUDA dispatch
+// keys (fast_path.h) and a `<op>_run` function for the Python providers; the argument checks and their
+// messages live in Python (dllm_kernels/ops).
 #pragma once
 
 #include <torch/extension.h>
@@ -26,5 +27,6 @@ inline int dtype_code(const at::Tensor& t, const char* op) {
 void register_logits_to_confidence(pybind11::module_& m);
 void register_select_unmask(pybind11::module_& m);
 void register_sparse24_mm(pybind11::module_& m);
+void register_fast_path(pybind11::module_& m);
 
 }  // namespace dllm::bindings

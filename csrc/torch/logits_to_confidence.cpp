@@ -2,11 +2,14 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 #include "torch/bindings.h"
+#include "torch/fast_path.h"
 
 #ifdef DLLM_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -15,76 +18,141 @@ namespace {
 
 using at::Tensor;
 
-// rows: [outer, inner, V] with unit last stride (dllm_kernels.ops._common.rows_view).
-struct Launch {
-  DllmConfidenceParams params;
-  Tensor eligible, banned, token, score;  // keep the buffers the params point into alive
+constexpr const char* kOp = "logits_to_confidence";
+std::atomic<double> min_temperature{0}, max_temperature{0};  // the op's range, set by Python at import
 
-  Launch(const Tensor& rows, const std::optional<Tensor>& eligible_in, const std::optional<Tensor>& banned_in,
-         double temperature, int64_t score_kind, bool tempered_score, int64_t seed, int64_t offset) {
-    TORCH_CHECK(rows.dim() == 3 && (rows.stride(2) == 1 || rows.size(2) == 1),
-                "dllm::logits_to_confidence: internal: expected [outer, inner, V] rows with unit last stride");
-    const auto opts = rows.options();
-    token = at::empty({rows.size(0), rows.size(1)}, opts.dtype(at::kLong));
-    score = at::empty({rows.size(0), rows.size(1)}, opts.dtype(at::kFloat));
-    if (eligible_in) eligible = eligible_in->contiguous();
-    if (banned_in) banned = banned_in->contiguous();
-    params = DllmConfidenceParams{
-        rows.data_ptr(),
-        dtype_code(rows, "logits_to_confidence"),
-        rows.size(0),
-        rows.size(1),
-        rows.size(2),
-        rows.stride(0),
-        rows.stride(1),
-        eligible.defined() ? eligible.data_ptr<bool>() : nullptr,
-        banned.defined() ? banned.data_ptr<int64_t>() : nullptr,
-        banned.defined() ? banned.numel() : 0,
-        static_cast<float>(temperature),
-        static_cast<int>(score_kind),
-        tempered_score ? 1 : 0,
-        static_cast<uint64_t>(seed),
-        static_cast<uint64_t>(offset),
-        token.data_ptr<int64_t>(),
-        score.data_ptr<float>(),
-    };
+// How the kernels address the rows of logits [..., V] (unit last stride): row (o, i) starts at
+// o * stride_outer + i * stride_inner, in row-major order of the leading dims. The leading dims merge into
+// two when they can (dllm_kernels.ops._common.rows_view is the same rule for Triton); otherwise `copy`
+// holds them gathered.
+struct Rows {
+  Tensor copy;  // defined when the leading dims needed a gather
+  const void* data;
+  int64_t n_outer = 1, n_inner = 1, stride_outer = 0, stride_inner = 0;
+
+  explicit Rows(const Tensor& logits) : data(logits.data_ptr()) {
+    int64_t sizes[2], strides[2];
+    int n = 0;
+    for (int64_t d = 0; d + 1 < logits.dim(); ++d) {
+      const int64_t size = logits.size(d), stride = logits.stride(d);
+      if (size == 1) continue;
+      if (n > 0 && strides[n - 1] == stride * size) {
+        sizes[n - 1] *= size;
+        strides[n - 1] = stride;
+      } else if (n == 2) {
+        copy = logits.reshape({-1, logits.size(-1)});
+        data = copy.data_ptr();
+        n_outer = 1;
+        n_inner = copy.size(0);
+        stride_inner = copy.stride(0);
+        return;
+      } else {
+        sizes[n] = size;
+        strides[n++] = stride;
+      }
+    }
+    if (n == 2) {
+      n_outer = sizes[0];
+      stride_outer = strides[0];
+    }
+    if (n >= 1) {
+      n_inner = sizes[n - 1];
+      stride_inner = strides[n - 1];
+    }
   }
 };
 
-std::tuple<Tensor, Tensor> logits_to_confidence_cpu(const Tensor& rows, const std::optional<Tensor>& eligible,
-                                                    const std::optional<Tensor>& banned, double temperature,
-                                                    int64_t score_kind, bool tempered_score, int64_t seed,
-                                                    int64_t offset) {
-  Launch launch(rows, eligible, banned, temperature, score_kind, tempered_score, seed, offset);
-  if (rows.size(0) * rows.size(1) > 0) dllm_logits_to_confidence_cpu(&launch.params, at::get_num_threads());
-  return {launch.token, launch.score};
+// The kernel on logits' device (arguments checked: by Python, or by accepts below). The outputs are
+// logits.shape[:-1], contiguous: the kernels write row r at r.
+std::tuple<Tensor, Tensor> run(const Tensor& logits, const std::optional<Tensor>& eligible_in,
+                               const std::optional<Tensor>& banned_in, double temperature, int64_t score_kind,
+                               bool tempered_score, int64_t seed, int64_t offset) {
+  const Rows rows(logits);
+  const auto shape = logits.sizes().slice(0, logits.dim() - 1);
+  const Tensor token = at::empty(shape, logits.options().dtype(at::kLong));
+  const Tensor score = at::empty(shape, logits.options().dtype(at::kFloat));
+  const Tensor eligible = eligible_in ? eligible_in->contiguous() : Tensor();
+  const Tensor banned = banned_in ? banned_in->contiguous() : Tensor();
+  const DllmConfidenceParams params{
+      rows.data,
+      dtype_code(logits, kOp),
+      rows.n_outer,
+      rows.n_inner,
+      logits.size(-1),
+      rows.stride_outer,
+      rows.stride_inner,
+      eligible.defined() ? eligible.data_ptr<bool>() : nullptr,
+      banned.defined() ? banned.data_ptr<int64_t>() : nullptr,
+      banned.defined() ? banned.numel() : 0,
+      static_cast<float>(temperature),
+      static_cast<int>(score_kind),
+      tempered_score ? 1 : 0,
+      static_cast<uint64_t>(seed),
+      static_cast<uint64_t>(offset),
+      token.data_ptr<int64_t>(),
+      score.data_ptr<float>(),
+  };
+  if (token.numel() == 0) return {token, score};
+  if (logits.is_cpu()) {
+    dllm_logits_to_confidence_cpu(&params, at::get_num_threads());
+#ifdef DLLM_WITH_CUDA
+  } else if (logits.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const size_t bytes = dllm_logits_to_confidence_cuda_workspace(&params);
+    const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, logits.options().dtype(at::kByte));
+    const int err = dllm_logits_to_confidence_cuda(&params, bytes ? workspace.data_ptr() : nullptr,
+                                                   c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == 0, "dllm::logits_to_confidence: CUDA launch failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    TORCH_CHECK(false, "dllm::logits_to_confidence: internal: no compiled kernel for ", logits.device());
+  }
+  return {token, score};
 }
 
-#ifdef DLLM_WITH_CUDA
-std::tuple<Tensor, Tensor> logits_to_confidence_cuda(const Tensor& rows, const std::optional<Tensor>& eligible,
-                                                     const std::optional<Tensor>& banned, double temperature,
-                                                     int64_t score_kind, bool tempered_score, int64_t seed,
-                                                     int64_t offset) {
-  const c10::cuda::CUDAGuard guard(rows.device());
-  Launch launch(rows, eligible, banned, temperature, score_kind, tempered_score, seed, offset);
-  if (rows.size(0) * rows.size(1) == 0) return {launch.token, launch.score};
-  const size_t bytes = dllm_logits_to_confidence_cuda_workspace(&launch.params);
-  const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, rows.options().dtype(at::kByte));
-  const int err = dllm_logits_to_confidence_cuda(&launch.params, bytes ? workspace.data_ptr() : nullptr,
-                                                 c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == 0, "dllm::logits_to_confidence: CUDA launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-  return {launch.token, launch.score};
+// A call the Python checks accept (a subset of them is enough: anything else goes to Python).
+bool accepts(const Tensor& logits, const std::optional<Tensor>& eligible, const std::optional<Tensor>& banned,
+             double temperature) {
+  if (!is_float(logits) || logits.dim() < 1 || logits.size(-1) < 1) return false;
+  if (logits.stride(-1) != 1 && logits.size(-1) != 1) return false;
+  if (eligible && (eligible->scalar_type() != at::kBool || eligible->device() != logits.device() ||
+                   eligible->sizes() != logits.sizes().slice(0, logits.dim() - 1)))
+    return false;
+  if (banned && (banned->scalar_type() != at::kLong || banned->dim() != 1 || banned->device() != logits.device()))
+    return false;
+  return temperature == 0 || (temperature >= min_temperature.load() && temperature <= max_temperature.load());
 }
-#endif
+
+// The op's kernel for the CPU and CUDA dispatch keys.
+std::tuple<Tensor, Tensor> op(const Tensor& logits, const std::optional<Tensor>& eligible, double temperature,
+                              c10::string_view score, bool tempered_score, const std::optional<Tensor>& banned,
+                              int64_t seed, int64_t offset) {
+  const int score_kind = choice_index(kOp, score);
+  if (fast_path_enabled() && score_kind >= 0 && accepts(logits, eligible, banned, temperature))
+    return run(logits, eligible, banned, temperature, score_kind, tempered_score, seed, offset);
+  namespace py = pybind11;
+  using namespace pybind11::literals;
+  const py::gil_scoped_acquire gil;
+  const py::dict kwargs("temperature"_a = temperature, "score"_a = std::string(score), "tempered_score"_a = tempered_score,
+                        "banned"_a = banned, "seed"_a = seed, "offset"_a = offset);
+  return python_impl(kOp, py::make_tuple(logits, eligible), kwargs).cast<std::tuple<Tensor, Tensor>>();
+}
 
 }  // namespace
 
 void register_logits_to_confidence(pybind11::module_& m) {
-  m.def("logits_to_confidence_cpu", &logits_to_confidence_cpu);
-#ifdef DLLM_WITH_CUDA
-  m.def("logits_to_confidence_cuda", &logits_to_confidence_cuda);
-#endif
+  // The cpu and cuda providers (Python has chosen and checked): the same kernel behind use_backend.
+  m.def("logits_to_confidence_run", &run);
+  m.def("set_temperature_range", [](double low, double high) {
+    min_temperature.store(low);
+    max_temperature.store(high);
+  });
 }
 
 }  // namespace dllm::bindings
+
+TORCH_LIBRARY_IMPL(dllm, CPU, m) { m.impl("logits_to_confidence", TORCH_FN(dllm::bindings::op)); }
+#ifdef DLLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(dllm, CUDA, m) { m.impl("logits_to_confidence", TORCH_FN(dllm::bindings::op)); }
+#endif

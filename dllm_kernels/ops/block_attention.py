@@ -1,19 +1,15 @@
 """``dllm::block_attention``: block-sparse attention with partial KV reuse. docs/ops.md#block_attention."""
 
 import math
-import os
 
 import torch
 
-from .._backends import define_op
+from .._backends import DEBUG_CHECKS, define_op
 from ..reference import block_attention as reference
-from ._common import FLOAT_DTYPES, OpError, describe, may_overlap
+from ._common import FLOAT_DTYPES, OpCall, OpError, describe, may_overlap
 
 OP = "block_attention"
 _err = OpError(OP)
-# Value checks (write range, kv_len) need the values: free on CPU, a host sync on a GPU, so there only
-# with DLLM_DEBUG_CHECKS=1 (read once, at import). GPU kernels never write outside the cache.
-_DEBUG_CHECKS = os.environ.get("DLLM_DEBUG_CHECKS") == "1"
 
 
 def block_attention(
@@ -49,7 +45,7 @@ def block_attention(
         ``out`` ``[B, Sq, Hq, D]`` in q's dtype and ``lse``. A query that sees no key gets ``out = 0`` and
         ``lse = -inf``.
     """
-    return torch.ops.dllm.block_attention(
+    return _call(
         q,
         k_cache,
         v_cache,
@@ -135,7 +131,7 @@ def _prepare(q, k_cache, v_cache, q_start, kv_len, k_new, *options):
             "k_cache and v_cache are written in place, so they must not share memory; got views that "
             f"overlap (strides {list(k_cache.stride())} and {list(v_cache.stride())})"
         )
-    if q.shape[0] == 0 or not (q.device.type == "cpu" or _DEBUG_CHECKS):
+    if q.shape[0] == 0 or not (q.device.type == "cpu" or DEBUG_CHECKS):  # GPU kernels never write outside
         return arguments
     s_max = k_cache.shape[1]
     if k_new is not None and int((q_start.long() + q.shape[1]).max()) > s_max:
@@ -162,6 +158,7 @@ def _fake(q, *args):
 
 
 dispatcher = define_op(OP, checked_args, _fake, _prepare)
+_call = OpCall(OP)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.block_attention)
 

@@ -5,7 +5,7 @@ import torch
 from .. import _extension
 from .._backends import define_op
 from ..reference import logits_to_confidence as reference
-from ._common import FLOAT_DTYPES, OpError, rows_view
+from ._common import FLOAT_DTYPES, OpCall, OpError, rows_view
 
 OP = "logits_to_confidence"
 SCORES = ("prob", "margin", "neg_entropy", "logit_margin", "random")
@@ -54,7 +54,7 @@ def logits_to_confidence(
     """
     _err.int64("seed", seed)  # before torch.ops, whose own message for a Python int beyond int64 is opaque
     _err.int64("offset", offset)
-    return torch.ops.dllm.logits_to_confidence(
+    return _call(
         logits,
         eligible,
         temperature=temperature,
@@ -107,40 +107,30 @@ def _fake(logits, *_):
     return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
 
 
-dispatcher = define_op(OP, checked_args, _fake)
+dispatcher = define_op(OP, checked_args, _fake, choices=SCORES)
+_call = OpCall(OP)
+if _extension._C is not None:
+    _extension._C.set_temperature_range(*TEMPERATURE_RANGE)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.logits_to_confidence)
 
 
-def _kernel_rows(kernel):
-    """A provider whose kernel takes the ``[outer, inner, V]`` rows view and ``[outer, inner]`` eligible."""
-
-    def run(logits, eligible, *options):
-        rows = rows_view(logits)
-        rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
-        token, value = kernel(rows, rows_eligible, *options)
-        shape = logits.shape[:-1]
-        return token.view(shape), value.view(shape)
-
-    return run
-
-
-def _compiled(backend):
-    def kernel(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
-        launch = getattr(_extension._C, f"{OP}_{backend}")
-        return launch(rows, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset)
-
-    return _kernel_rows(kernel)
+def _compiled(logits, eligible, temperature, score, tempered_score, banned, seed, offset):
+    """The cpu and cuda providers: the compiled kernel on logits' device."""
+    run = _extension._C.logits_to_confidence_run
+    return run(logits, eligible, banned, temperature, SCORES.index(score), tempered_score, seed, offset)
 
 
 for _backend in ("cpu", "cuda"):
-    dispatcher.register(_backend)(_compiled(_backend))
+    dispatcher.register(_backend)(_compiled)
 
 
-def _triton(rows, eligible, temperature, score, tempered_score, banned, seed, offset):
+@dispatcher.register("triton")
+def _triton(logits, eligible, temperature, score, tempered_score, banned, seed, offset):
     from ..triton_kernels.logits_to_confidence import logits_to_confidence as launch
 
-    return launch(rows, eligible, banned, temperature, score, tempered_score, seed, offset)
-
-
-dispatcher.register("triton")(_kernel_rows(_triton))
+    rows = rows_view(logits)
+    rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
+    token, value = launch(rows, rows_eligible, banned, temperature, score, tempered_score, seed, offset)
+    shape = logits.shape[:-1]
+    return token.view(shape), value.view(shape)

@@ -7,7 +7,7 @@ import torch
 from .. import _extension
 from .._backends import define_op
 from ..reference import select_unmask as reference
-from ._common import OpError, describe
+from ._common import OpCall, OpError, describe
 
 OP = "select_unmask"
 POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all", "factor_upstream")
@@ -50,7 +50,7 @@ def select_unmask(
         ``selected`` bool ``[B, L]`` and ``count`` int32 ``[B]``. Selection is exact: the first ``count[b]``
         positions of a stable descending sort on ``(score, -position)``. No host sync.
     """
-    return torch.ops.dllm.select_unmask(
+    return _call(
         score,
         eligible,
         policy=policy,
@@ -140,22 +140,21 @@ def _fake(score, *_):
     return score.new_empty(score.shape, dtype=torch.bool), score.new_empty(score.shape[:1], dtype=torch.int32)
 
 
-dispatcher = define_op(OP, checked_args, _fake)
+dispatcher = define_op(OP, checked_args, _fake, choices=POLICIES)
+_call = OpCall(OP)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.select_unmask)
 
 
-def _compiled(backend):
-    def run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
-        kernel = getattr(_extension._C, f"{OP}_{backend}")
-        policy = POLICIES.index(policy)
-        return kernel(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
-
-    return run
+def _compiled(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+    """The cpu and cuda providers: the compiled kernel on score's device."""
+    policy = POLICIES.index(policy)
+    run = _extension._C.select_unmask_run
+    return run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
 
 
 for _backend in ("cpu", "cuda"):
-    dispatcher.register(_backend)(_compiled(_backend))
+    dispatcher.register(_backend)(_compiled)
 
 
 def _triton_supports(score, *args, **kwargs):

@@ -2,20 +2,15 @@
 ``decompress_24``, ``sparse24_mm``, ``armor_linear``, for decode-time linear layers. The format is described
 in ``dllm_kernels/reference/sparse24.py``."""
 
-import os
-
 import torch
 
 from .. import _extension
-from .._backends import define_op
+from .._backends import DEBUG_CHECKS, define_op
 from ..reference import sparse24 as reference
 from ._common import FLOAT_DTYPES, OpError, describe
 
 OPS = ("prune_24", "compress_24", "decompress_24", "sparse24_mm", "armor_linear")
 _err = {name: OpError(name) for name in OPS}
-# The products check meta's values only with DLLM_DEBUG_CHECKS=1 (read once, at import): a full read of
-# meta, and a host sync on a GPU. decompress_24, an offline op, always checks.
-_DEBUG_CHECKS = os.environ.get("DLLM_DEBUG_CHECKS") == "1"
 
 
 def prune_24(weight: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,10 +187,11 @@ def _decompress_prepare(values, meta):
 
 
 def _debug_meta_check(name):
-    """prepare for a product: meta's values checked only under DLLM_DEBUG_CHECKS=1."""
+    """prepare for a product: meta's values checked only under DLLM_DEBUG_CHECKS=1 (a full read of meta and
+    a host sync on a GPU; decompress_24, an offline op, always checks)."""
 
     def prepare(*arguments):
-        if _DEBUG_CHECKS:
+        if DEBUG_CHECKS:
             check_meta_values(_err[name], arguments[3 if name == "armor_linear" else 2])
         return arguments
 
@@ -243,28 +239,21 @@ def _rows_2d(x):
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
-def _compiled_mm(backend):
-    def run(x, values, meta, bias=None):
-        kernel = getattr(_extension._C, f"sparse24_mm_{backend}")
-        out = kernel(
-            _rows_2d(x), values.contiguous(), meta.contiguous(), None if bias is None else bias.contiguous()
-        )
-        return out.reshape(*x.shape[:-1], values.shape[0])
-
-    return run
+def _compiled_mm(x, values, meta, bias=None):
+    """The cpu and cuda providers: the compiled kernel on x's device."""
+    return _extension._C.sparse24_mm_run(x, values, meta, bias)
 
 
 for _backend in ("cpu", "cuda"):
-    dispatchers["sparse24_mm"].register(_backend)(_compiled_mm(_backend))
+    dispatchers["sparse24_mm"].register(_backend)(_compiled_mm)
 
 
 @dispatchers["armor_linear"].register("cpu")
 def _cpu_armor(x, wrap_in, values, meta, wrap_out, bias=None):
     """The reference's composition with the sparse product in the C++ kernel, on the fp32 inner product
     (the kernel takes an fp32 x beside a 16-bit weight: nothing is rounded between the three products)."""
-    product = _compiled_mm("cpu")
     return reference.armor_linear(
-        x, wrap_in, values, meta, wrap_out, bias, core_product=lambda inner: product(inner, values, meta)
+        x, wrap_in, values, meta, wrap_out, bias, core_product=lambda inner: _compiled_mm(inner, values, meta)
     )
 
 
