@@ -10,5 +10,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   dllm::bindings::register_logits_to_confidence(m);
   dllm::bindings::register_select_unmask(m);
   dllm::bindings::register_sparse24_mm(m);
+  dllm::bindings::register_block_attention(m);
   dllm::bindings::register_fast_path(m);
 }

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from .. import _extension
 from .._backends import DEBUG_CHECKS, define_op
 from ..reference import block_attention as reference
 from ._common import FLOAT_DTYPES, OpCall, OpError, describe, may_overlap
@@ -163,43 +164,13 @@ _call = OpCall(OP)
 dispatcher.register("reference")(reference.block_attention)
 
 
-def _visible_runs(q_start: int, n_queries: int, kv_len: int, block_size: int):
-    """(first query, end query, visible key end) for each run of queries that see the same keys."""
-    if block_size == 0:
-        yield 0, n_queries, kv_len
-        return
-    first_block = q_start // block_size
-    last_block = (q_start + n_queries - 1) // block_size
-    for block in range(first_block, last_block + 1):
-        begin = max(0, block * block_size - q_start)
-        end = min(n_queries, (block + 1) * block_size - q_start)
-        yield begin, end, min(kv_len, (block + 1) * block_size)
-
-
 @dispatcher.register("cpu")
 def _cpu(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
-    """Chunked ATen: every run of queries that sees the same key prefix is one call of torch's CPU flash
-    kernel over exactly that prefix, so invisible key blocks are never touched and no mask is built. The
-    GQA group is folded into the query axis, so each KV head is read once for all its query heads."""
-    if k_new is not None:
-        reference.write_kv(k_cache, v_cache, k_new, v_new, q_start)
-    n_rows, n_queries, n_heads, head_dim = q.shape
-    n_kv_heads = k_cache.shape[2]
-    group = n_heads // n_kv_heads
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    lse = torch.full((n_rows, n_heads, n_queries), -torch.inf, device=q.device)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    for b, (start, length) in enumerate(zip(q_start.tolist(), kv_len.tolist(), strict=True)):
-        queries = q[b].unflatten(1, (n_kv_heads, group)).permute(1, 0, 2, 3)  # [Hkv, Sq, G, D]
-        keys, values = k_cache[b].transpose(0, 1), v_cache[b].transpose(0, 1)  # [Hkv, S, D]
-        for i0, i1, end in _visible_runs(start, n_queries, length, block_size):
-            if end <= 0 or i1 <= i0:
-                continue
-            run = queries[:, i0:i1].reshape(1, n_kv_heads, (i1 - i0) * group, head_dim)
-            o, run_lse = flash(run, keys[None, :, :end], values[None, :, :end], scale=scale)
-            out[b, i0:i1] = o[0].unflatten(1, (i1 - i0, group)).permute(1, 0, 2, 3).flatten(1, 2)
-            lse[b, :, i0:i1] = run_lse[0].unflatten(1, (i1 - i0, group)).permute(0, 2, 1).flatten(0, 1)
-    return out, lse if return_lse else lse.new_empty(0)
+    """Chunked ATen in C++ (csrc/torch/block_attention.cpp): each run of queries that sees the same key
+    prefix is one call of torch's CPU flash kernel over exactly that prefix."""
+    return _extension._C.block_attention_run(
+        q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
+    )
 
 
 def _triton_supports(q, *args):
