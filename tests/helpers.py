@@ -1,6 +1,10 @@
-"""Comparison helpers and the one tolerance table every op's tests use."""
+"""Comparison helpers, the one tolerance table every op's tests use, and a Python subprocess runner."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -29,6 +33,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", re
     tolerance = {key: value * scale for key, value in TOLERANCES[actual.dtype].items()}
     torch.testing.assert_close(
         actual, expected.to(actual.dtype), equal_nan=True, msg=msg or None, **tolerance
+    )
+
+
+def python(code: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    """Runs code (dedented) in a fresh interpreter with env added, output captured, bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

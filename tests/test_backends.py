@@ -1,27 +1,15 @@
 """The dispatcher: automatic choice, pinning, availability reporting, a missing extension."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import python
 
 import dllm_kernels
 from dllm_kernels import BACKENDS, available_backends, use_backend
 from dllm_kernels.ops._common import rows_view
 from dllm_kernels.ops.logits_to_confidence import dispatcher
-
-
-def python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_available_backends_report():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close, assert_mostly_equal
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, assert_mostly_equal, python
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -343,6 +343,28 @@ def test_bad_input_messages(case, backend):
     message = str(info.value)
     assert message.startswith("dllm::logits_to_confidence: "), message
     assert fragment in message, message
+
+
+def test_generic_cpu_sampling_path():
+    """The CPU sampling path for CPUs without AVX-512 (a Philox call per 64 columns on generic vectors),
+    forced with DLLM_CPU_DISABLE=avx512, against the reference."""
+    code = """
+        import torch, dllm_kernels
+        from dllm_kernels.reference.logits_to_confidence import logits_to_confidence as reference
+        torch.manual_seed(SEED)
+        logits = (torch.randn(300, 4099) * 3).to(torch.bfloat16)
+        options = (dict(temperature=0.8, seed=3, offset=2), dict(temperature=1.5, tempered_score=True, seed=-1))
+        for kwargs in options:
+            with dllm_kernels.use_backend("cpu"):
+                token, score = dllm_kernels.logits_to_confidence(logits, **kwargs)
+            ref_token, ref_score = reference(logits, **kwargs)
+            same = token == ref_token
+            assert (~same).sum() <= 1, int((~same).sum())
+            torch.testing.assert_close(score[same], ref_score[same].float(), rtol=1e-5, atol=1e-5)
+        print("ok")
+    """.replace("SEED", str(torch.randint(2**31, ()).item()))
+    result = python(code, DLLM_CPU_DISABLE="avx512")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def scores_in_range(token, score, kind):

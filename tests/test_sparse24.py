@@ -1,13 +1,8 @@
 """2:4 sparsity: the format (exact), every backend's products against the reference, the module, errors."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, python
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -159,16 +154,37 @@ def test_debug_checks_catch_invalid_meta_in_products():
             except ValueError as e:
                 print(str(e).split(";")[0])
     """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "DLLM_DEBUG_CHECKS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = python(code, DLLM_DEBUG_CHECKS="1")
     assert result.returncode == 0, result.stderr
     rule = "meta must hold, for every group of 4, the code i0 | i1 << 2 of two kept positions i0 < i1"
     assert result.stdout.splitlines() == [f"dllm::sparse24_mm: {rule}", f"dllm::armor_linear: {rule}"]
+
+
+@pytest.mark.parametrize("disabled", ["", "amx", "amx,avx512bf16"])
+def test_every_cpu_path_of_the_bf16_product(disabled):
+    """The CPU product's bf16 paths for 8+ rows of x (the tile unit, vdpbf16ps pairs, the fp32 permute path),
+    each forced on this machine with DLLM_CPU_DISABLE (where it has the instructions), against the reference,
+    non-finite x included."""
+    code = """
+        import math, torch, dllm_kernels
+        from dllm_kernels.reference import sparse24 as reference
+        torch.manual_seed(SEED)
+        for m, n, k in ((8, 72, 512), (16, 40, 1024), (19, 33, 512), (33, 64, 2048)):
+            values, meta = dllm_kernels.compress_24(torch.randn(n, k).bfloat16())
+            x, bias = torch.randn(m, k).bfloat16(), torch.randn(n).bfloat16()
+            for poison in (False, True):
+                if poison:
+                    x[1, 5], x[2, 6] = math.nan, math.inf
+                got = dllm_kernels.sparse24_mm(x, values, meta, bias).float()
+                want = reference.sparse24_mm(x, values, meta, bias).float()
+                assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+                finite = want.isfinite()
+                scale = max(1.0, k / 128)
+                torch.testing.assert_close(got[finite], want[finite], rtol=1.6e-2 * scale, atol=1e-2 * scale)
+        print("ok")
+    """.replace("SEED", str(torch.randint(2**31, ()).item()))
+    result = python(code, DLLM_CPU_DISABLE=disabled)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (4, 0), (0, 0)], ids=str)

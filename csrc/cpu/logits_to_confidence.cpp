@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/logits_to_confidence.h"
+#include "cpu/features.h"
 #include "cpu/simd.h"
 
 namespace dllm {
@@ -96,7 +97,7 @@ struct RowContext {
   const int64_t* banned;  // sorted, in [0, vocab)
   int64_t n_banned;
   uint64_t seed, offset;
-  bool avx512;  // the CPU runs AVX-512 (so the AVX-512 clone is the one running)
+  bool avx512;  // AVX-512 paths allowed (cpu_has_avx512: then the AVX-512 clone is the one running)
 };
 
 // Converts logits[begin, begin + n) to fp32 in buf (padded with -inf to whole vectors, banned ids
@@ -332,7 +333,7 @@ extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params
     if (p.banned[i] >= 0 && p.banned[i] < p.vocab) banned.push_back(p.banned[i]);
   std::sort(banned.begin(), banned.end());
   const RowContext ctx{k, banned.data(), static_cast<int64_t>(banned.size()), p.seed, p.offset,
-                       static_cast<bool>(__builtin_cpu_supports("avx512f"))};
+                       cpu_has_avx512()};
 
   std::vector<int64_t> rows;
   rows.reserve(n_rows);

@@ -12,11 +12,17 @@
 // loaded (and converted) weight vector serves MT rows of x, each loaded pair of x vectors serves kRows
 // weight rows. Columns are walked in blocks of kBlockK so the x tile stays in L1 while the m-tiles of a
 // panel of x reuse the weight block from L1; partial sums cross blocks in a per-thread buffer.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <memory>
 
 #include "common/sparse24_mm.h"
+#include "cpu/features.h"
 #include "cpu/simd.h"
 
 namespace dllm {
@@ -205,6 +211,239 @@ void convert_x_row(const DllmSparse24Params& p, int64_t m, float* dst, int64_t l
   }
 }
 
+// bf16 x and weight with AVX512-BF16 (Zen 4, Sapphire Rapids) and at least kPairRowsMin rows of x: the
+// 16 lanes of a vector hold 16 rows of x instead. A group of 4 columns keeps one of 6 pairs of positions;
+// the x values of all 6 pairs of every group are laid out once per 16 rows of x (pairs[g][pattern] holds
+// (x[m][4g + i0], x[m][4g + i1]) for m = 0..15 as bf16 pairs), so that a group of a weight row is one
+// vdpbf16ps: its 2 kept values, broadcast, against the pair vector its code names. 32 multiply-adds an
+// instruction and no permute; kRows * 2 weight rows interleave to cover the instruction's latency.
+constexpr int64_t kPairRowsMin = 8;
+constexpr int kPairWeightRows = 8;
+constexpr int kPatternFirst[6] = {0, 0, 0, 1, 1, 2}, kPatternSecond[6] = {1, 2, 3, 2, 3, 3};
+
+// pairs [K / 4][6][16] words for rows [m0, m0 + 16) of x (rows past M are zero).
+void lay_out_pairs(const DllmSparse24Params& p, int64_t m0, int64_t g_begin, int64_t g_end, uint32_t* pairs) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    uint32_t* out = pairs + g * 6 * kLanes;
+    for (int pattern = 0; pattern < 6; ++pattern) {
+      for (int64_t m = 0; m < kLanes; ++m) {
+        uint32_t pair = 0;
+        if (m0 + m < p.m) {
+          const uint16_t* row = x + (m0 + m) * p.x_stride + 4 * g;
+          pair = row[kPatternFirst[pattern]] | static_cast<uint32_t>(row[kPatternSecond[pattern]]) << 16;
+        }
+        out[pattern * kLanes + m] = pair;
+      }
+    }
+  }
+}
+
+// Output rows [n0, n0 + R) for rows [m0, m0 + 16) of x. Per 16 groups, each row's 16 pair offsets are
+// worked out in one vector (nibbles, pattern lookup, offset) and read back from L1 in the inner loop.
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_rows(const DllmSparse24Params& p,
+                                                                            const uint32_t* pairs, int64_t m0,
+                                                                            int64_t n0) {
+  const int64_t groups = p.k / 4;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i shifts = _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 2);
+  const __m512i pattern_of_code = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 2, 4, 5, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  alignas(64) int32_t offsets[R][kLanes];
+  for (int64_t g0 = 0; g0 < groups; g0 += kLanes) {  // 16 groups: 4 int16 of meta a row (K % 64 == 0)
+    // (g * 6 + pattern) * 16 words: the pair vector of group g, pattern
+    const __m512i first = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(g0))),
+                                             _mm512_set1_epi32(6 * kLanes));
+    for (int r = 0; r < R; ++r) {
+      uint64_t word;
+      std::memcpy(&word, reinterpret_cast<const uint16_t*>(p.meta) + (n0 + r) * (p.k / 16) + g0 / 4, 8);
+      const __m512i halves = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(static_cast<int>(word)),
+                                                     _mm512_set1_epi32(static_cast<int>(word >> 32)));
+      const __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(halves, shifts), _mm512_set1_epi32(15));
+      const __m512i pattern = _mm512_permutexvar_epi32(codes, pattern_of_code);
+      _mm512_store_si512(offsets[r], _mm512_add_epi32(first, _mm512_slli_epi32(pattern, 4)));
+    }
+    for (int64_t g = 0; g < kLanes; ++g) {
+      for (int r = 0; r < R; ++r) {
+        const uint32_t* values = static_cast<const uint32_t*>(p.values) + (n0 + r) * groups;  // a pair a group
+        const __m512i x_pairs = _mm512_load_si512(pairs + offsets[r][g]);
+        const __m512i w_pair = _mm512_set1_epi32(static_cast<int>(values[g0 + g]));
+        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(x_pairs), reinterpret_cast<__m512bh>(w_pair));
+      }
+    }
+  }
+  const simd::bf16* bias = static_cast<const simd::bf16*>(p.bias);
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float lanes[kLanes];
+    _mm512_store_ps(lanes, acc[r]);
+    const float b = bias ? simd::to_float(bias[n0 + r]) : 0.f;
+    for (int64_t m = 0; m < kLanes && m0 + m < p.m; ++m)
+      static_cast<simd::bf16*>(p.out)[(m0 + m) * p.n + n0 + r] = simd::to_bf16(lanes[m] + b);
+  }
+}
+
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void pair_block(const DllmSparse24Params& p,
+                                                                     const uint32_t* pairs, int64_t m0,
+                                                                     int64_t n0, int64_t rows) {
+  if (rows == kPairWeightRows) return pair_rows<kPairWeightRows>(p, pairs, m0, n0);
+  for (int64_t r = 0; r < rows; ++r) pair_rows<1>(p, pairs, m0, n0 + r);
+}
+
+bool pairs_apply(const DllmSparse24Params& p) {
+  return cpu_has_avx512_bf16() && p.dtype == DLLM_BFLOAT16 && p.x_dtype == DLLM_BFLOAT16 && p.m >= kPairRowsMin && p.k > 0 &&
+         p.k % 64 == 0 && reinterpret_cast<uintptr_t>(p.values) % 4 == 0;
+}
+
+void run_pairs(const DllmSparse24Params& p, int num_threads) {
+  const int64_t groups = p.k / 4;
+  AlignedBuffer storage(groups * 6 * kLanes);  // 4-byte words, as floats' storage
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(storage.data);
+  const int64_t n_blocks = (p.n + kPairWeightRows - 1) / kPairWeightRows;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+  for (int64_t m0 = 0; m0 < p.m; m0 += kLanes) {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g += 64) lay_out_pairs(p, m0, g, std::min(groups, g + 64), pairs);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t n0 = b * kPairWeightRows;
+      pair_block(p, pairs, m0, n0, std::min<int64_t>(kPairWeightRows, p.n - n0));
+    }
+  }
+}
+
+// bf16 x and weight with AMX (Sapphire Rapids and later), at least kPairRowsMin rows of x: the tile unit
+// multiplies 16 x 32 bf16 by 32 x 16 in one instruction, so the product is bound by reading the weight,
+// whose 2:4 form is 9/16 of the dense bytes. Per K chunk of 32, each of 2 x 16 weight rows is expanded to
+// dense bf16 with one vpexpandw (the kept-position bitmap from its 8 codes), and x^T, laid out once per 16
+// rows of x in the tile unit's pair order ([K / 2][16 rows] of (x[m][2k], x[m][2k + 1])), is the other
+// operand. Pruned positions are zeros in the expanded tile: the tile unit multiplies them, so non-finite x
+// at a pruned column would reach the output; such calls take the paths above (finite x checked per call).
+constexpr int kAmxRows = 16;  // weight rows per tile (the tile's 16 rows)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_ready() {
+  static const bool ready = [] {
+    if (!cpu_has_amx_bf16()) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return ready;
+}
+
+// x^T for rows [m0, m0 + 16) in the tile unit's pair order, pairs [k0 / 2, k1 / 2).
+void lay_out_vnni(const DllmSparse24Params& p, int64_t m0, int64_t k0, int64_t k1, uint32_t* vnni) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  for (int64_t k = k0; k < k1; k += 2)
+    for (int64_t m = 0; m < kLanes; ++m) {
+      const uint16_t* row = x + (m0 + m) * p.x_stride + k;
+      vnni[k / 2 * kLanes + m] = m0 + m < p.m ? row[0] | static_cast<uint32_t>(row[1]) << 16 : 0;
+    }
+}
+
+// The kept-position bitmaps of weight row n, K bits (a bit a column), from its meta: a byte of meta holds
+// 2 codes, a byte of bitmap their 8 columns; both nibbles map through a 16-entry table (vpshufb).
+__attribute__((target("arch=x86-64-v4"))) void kept_bitmap(const DllmSparse24Params& p, int64_t n, uint8_t* bits) {
+  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(3, 3, 3, 3, 3, 3, 3, 3, 5, 6, 3, 3, 9, 10, 12, 3));
+  const __m512i low = _mm512_set1_epi8(15);
+  const uint8_t* meta = reinterpret_cast<const uint8_t*>(p.meta) + n * (p.k / 8);
+  for (int64_t i = 0; i < p.k / 8; i += 64) {  // K % 512 == 0: whole vectors
+    const __m512i codes = _mm512_loadu_si512(meta + i);
+    const __m512i first = _mm512_shuffle_epi8(table, _mm512_and_si512(codes, low));
+    const __m512i second = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(codes, 4), low));
+    _mm512_storeu_si512(bits + i, _mm512_or_si512(first, _mm512_slli_epi16(_mm512_and_si512(second, low), 4)));
+  }
+}
+
+// Output rows [n0, n0 + 2 * 16) (rows past N are zero weights) for rows [m0, m0 + 16) of x; bits: room for
+// 32 rows' bitmaps.
+__attribute__((target("arch=x86-64-v4,avx512vbmi2,amx-tile,amx-bf16"))) void amx_block(
+    const DllmSparse24Params& p, const uint32_t* vnni, int64_t m0, int64_t n0, uint8_t* bits) {
+  alignas(64) uint16_t dense[2][kAmxRows][32];
+  alignas(64) float acc[2][kAmxRows][kLanes];
+  const int64_t chunks = p.k / 32;
+  const int64_t rows = std::min<int64_t>(2 * kAmxRows, p.n - n0);
+  for (int64_t r = 0; r < rows; ++r) kept_bitmap(p, n0 + r, bits + r * (p.k / 8));
+  std::memset(dense, 0, sizeof dense);  // rows past N stay zero
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      uint32_t kept;
+      std::memcpy(&kept, bits + r * (p.k / 8) + 4 * c, 4);
+      const uint16_t* values = static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.k / 2) + 16 * c;
+      _mm512_store_si512(dense[r / kAmxRows][r % kAmxRows], _mm512_maskz_expandloadu_epi16(kept, values));
+    }
+    _tile_loadd(2, dense[0], 64);
+    _tile_loadd(3, dense[1], 64);
+    _tile_loadd(4, vnni + c * 16 * kLanes, 64);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_dpbf16ps(1, 3, 4);
+  }
+  _tile_stored(0, acc[0], 64);
+  _tile_stored(1, acc[1], 64);
+  const simd::bf16* bias = static_cast<const simd::bf16*>(p.bias);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float b = bias ? simd::to_float(bias[n0 + r]) : 0.f;
+    for (int64_t m = 0; m < kLanes && m0 + m < p.m; ++m)
+      static_cast<simd::bf16*>(p.out)[(m0 + m) * p.n + n0 + r] = simd::to_bf16(acc[r / kAmxRows][r % kAmxRows][m] + b);
+  }
+}
+
+// Tiles 0, 1: accumulators; 2, 3: expanded weight; 4: x^T; all 16 rows of 64 bytes. A constant in memory:
+// GCC's _tile_loadconfig tells the compiler it reads 8 bytes only, so a config built on the stack right
+// before it may not be stored yet.
+constexpr TileConfig kTileConfig = [] {
+  TileConfig config;
+  for (int t = 0; t < 5; ++t) {
+    config.rows[t] = kAmxRows;
+    config.bytes_per_row[t] = 64;
+  }
+  return config;
+}();
+
+__attribute__((target("amx-tile"))) void amx_begin() { _tile_loadconfig(&kTileConfig); }
+
+__attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
+
+// Every element of x is finite (the tile unit must not meet a non-finite x at a pruned column).
+bool x_finite(const DllmSparse24Params& p) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  uint16_t special = 0;
+  for (int64_t m = 0; m < p.m; ++m)
+    for (int64_t k = 0; k < p.k; ++k) special |= ((x[m * p.x_stride + k] & 0x7F80) == 0x7F80);
+  return special == 0;
+}
+
+bool amx_apply(const DllmSparse24Params& p) {
+  return p.dtype == DLLM_BFLOAT16 && p.x_dtype == DLLM_BFLOAT16 && p.m >= kPairRowsMin && p.k > 0 &&
+         p.k % 512 == 0 && amx_ready() && x_finite(p);
+}
+
+void run_amx(const DllmSparse24Params& p, int num_threads) {
+  AlignedBuffer storage(p.k / 2 * kLanes);  // 4-byte words, as floats' storage
+  uint32_t* vnni = reinterpret_cast<uint32_t*>(storage.data);
+  const int64_t n_blocks = (p.n + 2 * kAmxRows - 1) / (2 * kAmxRows);
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+  {
+    const std::unique_ptr<uint8_t[]> bits(new uint8_t[2 * kAmxRows * p.k / 8]);
+    amx_begin();
+    for (int64_t m0 = 0; m0 < p.m; m0 += kLanes) {
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < p.k; k += 256) lay_out_vnni(p, m0, k, std::min(p.k, k + 256), vnni);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < n_blocks; ++b) amx_block(p, vnni, m0, b * 2 * kAmxRows, bits.get());
+    }
+    amx_end();
+  }
+}
+
 }  // namespace
 }  // namespace dllm
 
@@ -212,6 +451,8 @@ extern "C" void dllm_sparse24_mm_cpu(const DllmSparse24Params* params, int num_t
   using namespace dllm;
   const DllmSparse24Params& p = *params;
   if (p.m <= 0 || p.n <= 0) return;
+  if (amx_apply(p)) return run_amx(p, num_threads);
+  if (pairs_apply(p)) return run_pairs(p, num_threads);
   const int64_t n_chunks = (p.k + kChunk - 1) / kChunk;
   // Padded row stride: whole chunks, plus one cache line so that the rows of a tile do not share L1 sets.
   const int64_t ldx = n_chunks * kChunk + kLanes;
