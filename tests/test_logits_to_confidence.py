@@ -353,7 +353,7 @@ def test_generic_cpu_sampling_path():
         from dllm_kernels.reference.logits_to_confidence import logits_to_confidence as reference
         torch.manual_seed(SEED)
         logits = (torch.randn(300, 4099) * 3).to(torch.bfloat16)
-        options = (dict(temperature=0.8, seed=3, offset=2), dict(temperature=1.5, tempered_score=True, seed=-1))
+        options = (dict(temperature=0.8, seed=3, offset=2), dict(temperature=1.5, tempered_score=True))
         for kwargs in options:
             with dllm_kernels.use_backend("cpu"):
                 token, score = dllm_kernels.logits_to_confidence(logits, **kwargs)
