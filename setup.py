@@ -1,6 +1,6 @@
 """Builds dllm_kernels and its extension dllm_kernels._C.
 
-The extension always holds the CPU kernels (C++17, OpenMP; runtime ISA dispatch inside the
+The extension always holds the CPU kernels (C++20, OpenMP; runtime ISA dispatch inside the
 kernels, so the build runs on any x86-64 CPU). When torch was built with CUDA and nvcc is found,
 it also holds the CUDA kernels and their bindings (TORCH_CUDA_ARCH_LIST honoured, default
 "8.0;9.0a"). A failed extension build leaves a package that runs on the reference and Triton

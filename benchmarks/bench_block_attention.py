@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import dllm_kernels
-from dllm_kernels.bench import Case
+from dllm_kernels.bench import Case, call_case
 from dllm_kernels.ops.block_attention import dispatcher
 from dllm_kernels.reference.block_attention import block_attention as reference
 
@@ -120,4 +120,16 @@ def cases(device, quick):
     if not quick:
         out.append(make_case(device, torch.bfloat16, "prefill", 1024, 1024, 0, 32))
         out.append(make_case(device, torch.float32, "dual-cache decode", 32, 2048, 1024, 0, rows=4))
+    q, k_cache, v_cache = torch.randn(1, 4, 2, 64), torch.randn(1, 16, 2, 64), torch.randn(1, 16, 2, 64)
+    q_start, kv_len = torch.tensor([8], dtype=torch.int32), torch.tensor([12], dtype=torch.int32)
+    qt, kt, vt = q.transpose(1, 2), k_cache[:, :12].transpose(1, 2), v_cache[:, :12].transpose(1, 2)
+    out.append(
+        call_case(
+            "block_attention",
+            "tiny call 4 q x 12 kv, 2 heads, D=64 fp32",
+            lambda: dllm_kernels.block_attention(q, k_cache, v_cache, q_start, kv_len)[0],
+            {"F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(qt, kt, vt)},
+            (2 * 4 * 2 + 2 * 12 * 2) * 64 * 4,
+        )
+    )
     return out

@@ -1,9 +1,10 @@
-"""logits_to_confidence beside what frameworks run today (../shared/ANCHORS.md)."""
+"""logits_to_confidence beside what frameworks run today (LLaDA / Fast-dLLM's fp64 softmax of everything, the
+best eager fp32 statement), a plain reduction over the same bytes, and a tiny call beside torch.softmax."""
 
 import torch
 
 import dllm_kernels
-from dllm_kernels.bench import Case
+from dllm_kernels.bench import Case, call_case
 from dllm_kernels.ops.logits_to_confidence import dispatcher
 from dllm_kernels.reference.logits_to_confidence import logits_to_confidence as reference
 
@@ -36,8 +37,20 @@ def eager_masked(logits, eligible):
     return token_out, score_out
 
 
-def make_case(device, shape, dtype, eligible_fraction, temperature=0.0, compiled_reference=False):
-    logits = torch.randn(shape, device=device).mul_(3).to(dtype)
+def peaked_logits(shape, device):
+    """Logits shaped like a language model's: a bulk around 0 with a heavy upper tail (a few dozen tokens
+    10-25 above the bulk), instead of flat Gaussian noise."""
+    logits = torch.randn(shape, device=device) * 2.5
+    top = torch.rand(*shape[:-1], 32, device=device)
+    columns = torch.randint(0, shape[-1], (*shape[:-1], 32), device=device)
+    return logits.scatter_(-1, columns, 10 + 15 * top)
+
+
+def make_case(
+    device, shape, dtype, eligible_fraction, temperature=0.0, compiled_reference=False, peaked=False
+):
+    logits = peaked_logits(shape, device) if peaked else torch.randn(shape, device=device).mul_(3)
+    logits = logits.to(dtype)
     eligible = torch.rand(shape[:-1], device=device) < eligible_fraction
     n_eligible = int(eligible.sum())  # the benchmark's set-up may sync; the op never does
     row_bytes = shape[-1] * logits.element_size()
@@ -68,6 +81,7 @@ def make_case(device, shape, dtype, eligible_fraction, temperature=0.0, compiled
         baselines["copy same bytes"] = lambda: dst.copy_(read)
         baseline_bytes["copy same bytes"] = 2 * read.numel() * read.element_size()
     mode = f"T={temperature}" if temperature > 0 else "argmax"
+    mode += ", peaked logits" if peaked else ""
     return Case(
         op="logits_to_confidence",
         label=f"{list(shape)} {str(dtype).removeprefix('torch.')} {eligible_fraction:.0%} eligible, {mode}",
@@ -94,4 +108,18 @@ def cases(device, quick):
     if not quick:
         out.append(make_case(device, (1, 32, 152064), torch.bfloat16, 1.0))
         out.append(make_case(device, (2, 64, 126464), torch.bfloat16, 0.5, temperature=0.8))
+        out.append(make_case(device, (2, 64, 126464), torch.bfloat16, 0.5, temperature=0.8, peaked=True))
+    tiny = torch.randn(1, 8, 64)
+    out.append(
+        call_case(
+            "logits_to_confidence",
+            "tiny call [1, 8, 64] fp32",
+            lambda: dllm_kernels.logits_to_confidence(tiny),
+            {
+                "torch.softmax": lambda: torch.softmax(tiny, -1),
+                "torch.ops.aten._softmax": lambda: torch.ops.aten._softmax.default(tiny, -1, False),
+            },
+            tiny.numel() * 4 + 8 * 12,
+        )
+    )
     return out

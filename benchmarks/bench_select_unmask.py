@@ -3,7 +3,7 @@
 import torch
 
 import dllm_kernels
-from dllm_kernels.bench import Case
+from dllm_kernels.bench import Case, call_case
 from dllm_kernels.ops.select_unmask import dispatcher
 from dllm_kernels.reference.select_unmask import select_unmask as reference
 
@@ -145,4 +145,16 @@ def cases(device, quick):
         ("threshold", "factor") if quick else ("threshold", "factor", "topk", "topk_or_threshold", "all")
     )
     n_rows = 64 if device.type == "cuda" else 32
-    return [make_case(device, policy, n_rows=n_rows) for policy in policies]
+    out = [make_case(device, policy, n_rows=n_rows) for policy in policies]
+    if device.type == "cpu":
+        score, eligible, k = torch.rand(1, 32), torch.rand(1, 32) < 0.5, torch.tensor([4])
+        out.append(
+            call_case(
+                "select_unmask",
+                "tiny call [1, 32] topk",
+                lambda: dllm_kernels.select_unmask(score, eligible, k=k),
+                {"torch.topk": lambda: torch.topk(score, 4)},
+                32 * 6,
+            )
+        )
+    return out

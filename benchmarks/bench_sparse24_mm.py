@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import dllm_kernels
-from dllm_kernels.bench import Case
+from dllm_kernels.bench import Case, call_case
 from dllm_kernels.ops.sparse24 import dispatchers
 from dllm_kernels.reference import sparse24 as reference
 
@@ -74,4 +74,29 @@ def cases(device, quick):
     if not quick:
         out.append(make_case(device, 16, 4096, 4096, torch.float32))
         out.append(make_case(device, 16, 4096, 4096, torch.bfloat16))
+    weight = torch.randn(32, 64)
+    values, meta = dllm_kernels.compress_24(weight)
+    dense, x = dllm_kernels.decompress_24(values, meta), torch.randn(1, 64)
+    out.append(
+        call_case(
+            "sparse24_mm",
+            "tiny call M=1 N=32 K=64 fp32",
+            lambda: dllm_kernels.sparse24_mm(x, values, meta),
+            {"F.linear": lambda: F.linear(x, dense)},
+            (32 * 32 + 64 + 32) * 4,
+        )
+    )
+    wrap_in, wrap_out = torch.randn(2, 32, 32), torch.randn(1, 32, 32)
+    three_products = lambda: torch.bmm(  # ARMOR's own statement: three products
+        wrap_out, F.linear(torch.bmm(wrap_in, x.view(2, 32, 1)).view(1, 64), dense).view(1, 32, 1)
+    )
+    out.append(
+        call_case(
+            "armor_linear",
+            "tiny call M=1 N=32 K=64 fp32",
+            lambda: dllm_kernels.armor_linear(x, wrap_in, values, meta, wrap_out),
+            {"3 torch products": three_products},
+            (2 * 32 * 32 + 32 * 32 + 32 * 32 + 64 + 32) * 4,
+        )
+    )
     return out

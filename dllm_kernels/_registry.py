@@ -3,7 +3,7 @@
 The schemas live in Python (not in the compiled extension) so that ``torch.ops.dllm.*`` exists on
 every install, including one where the extension could not be built. Each op's module under
 ``dllm_kernels.ops`` registers the fake kernel and the dispatching implementation; the argument
-names and defaults here are the public API of ``../shared/SPEC.md``.
+names and defaults here are the public API that ``docs/ops.md`` describes.
 """
 
 import torch

@@ -34,7 +34,9 @@ class Case:
     run: Callable[[], object]  # calls the public op; the harness pins the backend around it
     check: Callable[[object], None]  # raises AssertionError when an output disagrees with the reference
     bytes: int  # bytes that must move: inputs read once, outputs written once
-    backends: list[str]  # backends that can run this case, from the op's dispatcher
+    # backends that can run this case, from the op's dispatcher; None: the automatic choice, unpinned (for
+    # a call the compiled kernels take, the path that never enters Python)
+    backends: list[str | None]
     baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
     baseline_bytes: dict[str, int] = field(default_factory=dict)  # where a baseline moves other bytes
     flops: int | None = None
@@ -85,6 +87,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_seconds: float, 
     return statistics.median(samples)
 
 
+def call_case(op: str, label: str, run: Callable[[], object], baselines: dict, nbytes: int) -> Case:
+    """A tiny call, where the per-call cost is the time: the automatic choice (the compiled path: no Python
+    between torch's dispatcher and the kernel) and the pinned cpu backend (Python's choice) beside plain
+    torch ops on the same tensors. Outputs are checked against the reference."""
+    with _backends.use_backend("reference"):
+        want = run()
+    want = want if isinstance(want, tuple) else (want,)
+
+    def check(out):
+        out = out if isinstance(out, tuple) else (out,)
+        for got, ref in zip(out, want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2, equal_nan=True)
+
+    return Case(op, label, run, check, nbytes, [None, "cpu"], baselines)
+
+
 def as_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """fn captured once in a CUDA graph; the returned callable replays it (no Python, one launch)."""
     stream = torch.cuda.Stream(device)
@@ -127,12 +145,13 @@ def measure(
 
     results = []
     for backend in case.backends:
-        progress(f"{case.op} {case.label}: check {backend}")
+        name = backend or "auto"
+        progress(f"{case.op} {case.label}: check {name}")
         with _backends.use_backend(backend):
             case.check(case.run())
-            progress(f"{case.op} {case.label}: time {backend}")
+            progress(f"{case.op} {case.label}: time {name}")
             run = as_graph(case.run, device) if case.cuda_graph and device.type == "cuda" else case.run
-            results.append(result(backend, "backend", time_ms(run, device, min_seconds)))
+            results.append(result(name, "backend", time_ms(run, device, min_seconds)))
     for name, fn in case.baselines.items():
         progress(f"{case.op} {case.label}: time baseline {name}")
         results.append(result(name, "baseline", time_ms(fn, device, min_seconds)))

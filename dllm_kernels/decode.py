@@ -71,7 +71,8 @@ def llada(logits, x, eligible, *, k, remasking="low_confidence", temperature=0.0
 def fast_dllm(
     logits, x, eligible, *, threshold=0.9, factor=None, factor_rule="upstream", temperature=0.0, **options
 ):
-    """Fast-dLLM v1 (``llada/generate.py``): LLaDA's token and fp64 ``softmax(l)[token]``; unmask every
+    """Fast-dLLM v1 (``llada/generate.py``): LLaDA's token and ``softmax(l)[token]`` (Fast-dLLM computes it
+    in fp64; here fp32 accumulation, see the module docstring); unmask every
     position with ``confidence >= threshold`` and always the best one, or, with ``factor``, the
     ``c_i >= 1 - factor / (i + 1)`` prefix. ``factor_rule="upstream"`` (default) is the released loop,
     which also commits the last rank when that is the first to fail (policy ``factor_upstream``);

@@ -9,7 +9,7 @@ _err = OpError("Sparse24Linear")
 
 
 class Sparse24Linear(torch.nn.Module):
-    """An inference-only linear layer whose weight is stored 2:4-sparse (values + meta, SPEC.md section 4).
+    """An inference-only linear layer whose weight is stored 2:4-sparse (values + meta, docs/ops.md).
 
     Build it from a dense layer with ``Sparse24Linear.from_linear(linear, mask=None, score=None)``: the kept
     pattern is ``mask`` if given, else the 2 largest ``|w|`` (or ``score``) of every 4 along the input

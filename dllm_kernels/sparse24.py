@@ -1,4 +1,4 @@
-"""2:4 semi-structured sparsity: the ops (SPEC.md section 4) and a bridge to PyTorch's semi-structured tensor.
+"""2:4 semi-structured sparsity: the ops (docs/ops.md) and a bridge to PyTorch's semi-structured tensor.
 
 ``prune_24``, ``compress_24``, ``decompress_24``, ``sparse24_mm`` and ``armor_linear`` are the ops of
 ``dllm_kernels.ops.sparse24``. ``to_torch_semi_structured(values, meta)`` hands a compressed weight to

@@ -135,7 +135,7 @@ def test_meta_tensors_take_the_fake_kernel(monkeypatch):
         dllm_kernels.sparse24_mm(meta(3, 16), values, meta16)  # the fake kernel checks too
 
 
-COMPILED_OPS = ("logits_to_confidence", "select_unmask", "sparse24_mm")
+COMPILED_OPS = ("logits_to_confidence", "select_unmask", "sparse24_mm", "block_attention")
 
 
 def test_compiled_kernels_take_the_dispatch_keys():
@@ -154,6 +154,8 @@ def _calls():
     weight = torch.randn(24, 64)
     values, meta = dllm_kernels.compress_24(weight)
     x, bias = torch.randn(3, 64), torch.randn(24)
+    q, cache = torch.randn(2, 5, 4, 16), torch.randn(2, 24, 2, 16)
+    new, starts, lengths = torch.randn(2, 5, 2, 16), torch.tensor([3, 9]).int(), torch.tensor([8, 24])
     return {
         "logits_to_confidence": lambda: dllm_kernels.logits_to_confidence(
             logits[:, 1:], logits_eligible, temperature=0.7, seed=5, score="margin"
@@ -162,6 +164,17 @@ def _calls():
             score, eligible, k=k, policy="topk_or_threshold", threshold=0.2
         ),
         "sparse24_mm": lambda: dllm_kernels.sparse24_mm(x, values, meta, bias),
+        "block_attention": lambda: dllm_kernels.block_attention(
+            q,
+            cache.clone(),
+            cache.clone(),
+            starts,
+            lengths.int(),
+            k_new=new,
+            v_new=new,
+            block_size=4,
+            return_lse=True,
+        ),
     }
 
 

@@ -1,4 +1,4 @@
-"""block_attention in Triton (SPEC.md section 3): FlashAttention-2 style online softmax in fp32.
+"""block_attention in Triton (docs/ops.md): FlashAttention-2 style online softmax in fp32.
 
 Rows. For one (row b, KV head), the R = Sq * G query rows that read that KV head (query i, group head
 g, G = Hq / Hkv) are flattened as r = i * G + g and cut into BLOCK_M tiles: one program owns one tile,
@@ -420,8 +420,8 @@ def _num_splits(programs: int, s_max: int, block_n: int, device: torch.device) -
 def block_attention(
     q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse, *, num_splits=None
 ):
-    """Triton provider of ``dllm::block_attention`` (arguments already checked by the op): see SPEC.md
-    section 3. ``num_splits`` forces the number of KV splits (1: no split, no merge). No host sync."""
+    """Triton provider of ``dllm::block_attention`` (arguments already checked by the op): see
+    docs/ops.md. ``num_splits`` forces the number of KV splits (1: no split, no merge). No host sync."""
     n_batch, n_queries, n_heads, head_dim = q.shape
     s_max, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads

@@ -1,4 +1,4 @@
-"""select_unmask in Triton (SPEC.md section 2); the count rule mirrors csrc/common/select_unmask.h.
+"""select_unmask in Triton (docs/ops.md); the count rule mirrors csrc/common/select_unmask.h.
 
 One program takes one row whole (BLOCK_L = next_power_of_2(L) lanes). Each position gets a 64-bit
 key that orders exactly like the selection order: the high 32 bits map the fp32 score's bits to a

@@ -1,4 +1,4 @@
-"""sparse24_mm and armor_linear in Triton (SPEC.md section 4); the format: dllm_kernels/reference/sparse24.py.
+"""sparse24_mm and armor_linear in Triton (docs/ops.md); the format: dllm_kernels/reference/sparse24.py.
 
 Triton has no sparse MMA, so each program rebuilds dense tiles of the weight in registers and feeds them
 to ``tl.dot``. Per K step a program loads, for its BLOCK_N weight rows, the contiguous ``values`` tile

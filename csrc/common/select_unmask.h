@@ -53,6 +53,10 @@ int dllm_select_unmask_cuda(const DllmSelectParams* params, cudaStream_t stream)
 
 namespace dllm {
 
+// The longest row the CUDA kernel takes: positions are ints, and pos + its 256 threads must not overflow
+// (dllm_kernels/ops/select_unmask.py's cuda provider declines longer rows).
+constexpr int64_t kSelectCudaMaxLength = 2147483647 - 256;
+
 DLLM_HD DLLM_INLINE int64_t row_k(const DllmSelectParams& p, int64_t row) {
   if (p.k == nullptr) return 0;
   const int64_t k = p.k_is_int64 ? static_cast<const int64_t*>(p.k)[row] : static_cast<const int32_t*>(p.k)[row];

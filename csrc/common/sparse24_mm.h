@@ -1,4 +1,4 @@
-// sparse24_mm: out[M, N] = x[M, K] @ W[N, K]^T (+ bias) with W in the 2:4 format of SPEC.md section 4
+// sparse24_mm: out[M, N] = x[M, K] @ W[N, K]^T (+ bias) with W in the 2:4 format of docs/ops.md
 // (values [N, K/2] the kept elements in order, meta int16 [N, K/16] the 4-bit codes i0 | i1 << 2 of each
 // group of 4, group g at bits 4 * (g % 4) of meta[:, g / 4]). fp32 accumulation, output in x's dtype.
 // Framework-free; dllm_kernels/reference/sparse24.py is the readable statement.

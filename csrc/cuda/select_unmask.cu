@@ -1,5 +1,5 @@
 // select_unmask on CUDA. Framework-free: raw pointers in, one launch on the caller's stream, no host
-// sync and no allocation (CUDA-graph capturable). SPEC.md section 2 is the contract;
+// sync and no allocation (CUDA-graph capturable). docs/ops.md is the contract;
 // dllm_kernels/reference/select_unmask.py the readable statement and csrc/cpu/select_unmask.cpp the
 // same selection on the CPU.
 //
@@ -37,7 +37,8 @@ constexpr int kMinCtasPerSm = 2;  // caps registers at 128: ptxas left to itself
 constexpr int kBins = 256;                    // 8-bit digits
 constexpr int kSortCap = 4096;                // keys sorted at once (factor): 32 KiB of dynamic shared memory
 constexpr int kMaxGrid = 65536;               // more rows: grid-stride
-constexpr int64_t kMaxLength = INT_MAX - kThreads;  // positions are ints and pos + kThreads must not overflow
+constexpr int64_t kMaxLength = kSelectCudaMaxLength;
+static_assert(kMaxLength == INT_MAX - kThreads, "positions are ints and pos + kThreads must not overflow");
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr uint64_t kAbove = ~uint64_t{0};  // above every key: as a cut it selects nothing
 static_assert(kThreads == kBins, "one histogram bin per thread when clearing");

@@ -1,4 +1,4 @@
-// sparse24_mm on CUDA: out[M, N] = x[M, K] @ W^T (+ bias), W in the 2:4 format of SPEC.md section 4
+// sparse24_mm on CUDA: out[M, N] = x[M, K] @ W^T (+ bias), W in the 2:4 format of docs/ops.md
 // (values [N, K/2], canonical int16 meta [N, K/16]), fp32 accumulation, output in x's dtype.
 // Framework-free: raw pointers in, launches on the caller's stream, no host sync, no allocation.
 // dllm_kernels/reference/sparse24.py is the readable statement, csrc/cpu/sparse24_mm.cpp the CPU kernel.

@@ -81,6 +81,7 @@ bool accepts(const Tensor& score, const Tensor& eligible, int policy, const std:
              double threshold, double factor, int64_t min_per_row, const std::optional<Tensor>& token,
              const std::optional<Tensor>& x) {
   if (score.dim() != 2 || score.size(1) >= (int64_t{1} << 31)) return false;
+  if (score.is_cuda() && score.size(1) > kSelectCudaMaxLength) return false;
   const int64_t rows = score.size(0), length = score.size(1);
   const auto device = score.device();
   if (!is_matrix(score, at::kFloat, rows, length, device) || !is_matrix(eligible, at::kBool, rows, length, device))

@@ -29,7 +29,7 @@ def block_attention(
     """Attention of a block of queries over a KV cache, with the block-diffusion visibility rule.
 
     Args:
-        q: ``[B, Sq, Hq, D]`` bf16 / fp16 (fp32 too on CPU); unit last stride, any other strides.
+        q: ``[B, Sq, Hq, D]`` bf16 / fp16 / fp32; unit last stride, any other strides.
         k_cache, v_cache: ``[B, S_max, Hkv, D]``, q's dtype, ``Hq % Hkv == 0``: query head ``h`` reads KV head
             ``h // (Hq / Hkv)`` (GQA / MQA without expanding the cache). Mutated only when ``k_new`` is given.
         q_start, kv_len: int32 ``[B]``: query ``i`` of row ``b`` sits at position ``q_start[b] + i``; keys
@@ -143,7 +143,7 @@ def _prepare(q, k_cache, v_cache, q_start, kv_len, k_new, *options):
         )
     if int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max:
         _err(
-            f"q_start and kv_len must be in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
+            f"q_start must be >= 0 and kv_len in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
             f"kv_len = {kv_len.tolist()}",
             ValueError,
         )

@@ -48,7 +48,8 @@ def logits_to_confidence(
         gives ``(-1, NaN)``; a row with every logit ``-inf`` or banned gives ``(-1, -inf)``.
 
     Scores are accumulated in fp32 (the reference in fp64); tokens at ``temperature == 0`` are exact on
-    every backend, sampled tokens agree across backends up to fp32 rounding of ``l / T + g``. Scores are
+    every backend, sampled tokens agree across backends up to the fp32 rounding of their keys (the kernels
+    compare ``l + T * g``, the same order as ``l / T + g``). Scores are
     valid: ``prob`` and ``margin`` in [0, 1], ``neg_entropy <= 0``; ``token == -1`` exactly where the score
     is ``-inf`` or NaN.
     """

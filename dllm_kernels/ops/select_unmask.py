@@ -41,7 +41,7 @@ def select_unmask(
             every passing position when at least ``k[b]`` pass, else the top ``k[b]``), "all" (Prophet's
             commit of everything).
         k: int32 / int64 ``[B]`` on the score's device; needed by "topk" and "topk_or_threshold";
-            clamped to the selectable count, ``k <= 0`` selects nothing.
+            clamped to the selectable count; ``k <= 0`` asks for nothing (``min_per_row`` still applies).
         threshold, inclusive, factor: compared in fp64 with the fp32 score widened exactly.
         min_per_row: every row selects at least ``min(min_per_row, selectable)`` positions, best first.
         token, x: int64 ``[B, L]``, both or neither: ``x[selected] = token[selected]`` in the same launch.
@@ -153,8 +153,18 @@ def _compiled(score, eligible, policy, k, threshold, inclusive, factor, min_per_
     return run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
 
 
-for _backend in ("cpu", "cuda"):
-    dispatcher.register(_backend)(_compiled)
+# The CUDA kernel's positions are ints with room for its 256 threads (kSelectCudaMaxLength).
+_CUDA_MAX_LENGTH = 2**31 - 1 - 256
+
+
+def _cuda_supports(score, *args):
+    if score.shape[1] > _CUDA_MAX_LENGTH:
+        return f"rows longer than {_CUDA_MAX_LENGTH} positions (got L = {score.shape[1]})"
+    return None
+
+
+dispatcher.register("cpu")(_compiled)
+dispatcher.register("cuda", supports=_cuda_supports)(_compiled)
 
 
 def _triton_supports(score, *args, **kwargs):

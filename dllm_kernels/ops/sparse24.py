@@ -27,7 +27,8 @@ def compress_24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> tuple
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The dense ``[N, K]`` weight; ``decompress_24(*compress_24(w, m)) == w * m`` exactly."""
+    """The dense ``[N, K]`` weight: the kept elements in place, zeros elsewhere, so that
+    ``decompress_24(*compress_24(w, m))`` equals ``w`` where ``m`` and 0 elsewhere, bit for bit."""
     return torch.ops.dllm.decompress_24(values, meta)
 
 
