@@ -370,37 +370,29 @@ def test_invisible_keys_never_matter(backend, device):
     if reason is not None:
         pytest.skip(reason)
     for block_size in (0, 16):
-        clean = kv.clone()
-        with use_backend(backend):
-            want = dllm_kernels.block_attention(
-                q,
-                clean[:, :, 0],
-                clean[:, :, 1],
-                q_start,
-                kv_len,
-                k_new=k_new,
-                v_new=v_new,
-                block_size=block_size,
-                return_lse=True,
-            )
+
+        def attend(buffer, block_size=block_size):
+            with use_backend(backend):
+                return dllm_kernels.block_attention(
+                    q,
+                    buffer[:, :, 0],
+                    buffer[:, :, 1],
+                    q_start,
+                    kv_len,
+                    k_new=k_new,
+                    v_new=v_new,
+                    block_size=block_size,
+                    return_lse=True,
+                )
+
+        want = attend(kv.clone())
         poisoned = kv.clone()
         poisoned[0, 64:] = math.nan  # past kv_len
         poisoned[1, 80:, 0], poisoned[1, 80:, 1] = math.nan, math.inf
         if block_size:  # the queries sit in blocks 1 (16..23) and 2 (40..47): later key blocks are unseen
             poisoned[0, 32:64] = math.nan
             poisoned[1, 48:80, 1] = math.inf
-        with use_backend(backend):
-            got = dllm_kernels.block_attention(
-                q,
-                poisoned[:, :, 0],
-                poisoned[:, :, 1],
-                q_start,
-                kv_len,
-                k_new=k_new,
-                v_new=v_new,
-                block_size=block_size,
-                return_lse=True,
-            )
+        got = attend(poisoned)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (backend, block_size)
         assert torch.isfinite(got[0]).all()
         assert torch.equal(poisoned[0, 16:24, 0], k_new[0]), "the fused write into the K half"
