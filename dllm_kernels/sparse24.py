@@ -19,7 +19,14 @@ fp32 CUTLASS format is 1:2 on pairs, not 2:4.
 import torch
 
 from .ops._common import OpError, describe
-from .ops.sparse24 import armor_linear, compress_24, decompress_24, prune_24, sparse24_mm
+from .ops.sparse24 import (
+    armor_linear,
+    check_meta_values,
+    compress_24,
+    decompress_24,
+    prune_24,
+    sparse24_mm,
+)
 
 __all__ = [
     "armor_linear",
@@ -83,6 +90,7 @@ def to_torch_semi_structured(values: torch.Tensor, meta: torch.Tensor, *, requir
     _to_err.same_device("meta", meta, "values", values)
     k = 2 * half
     _check_shape(_to_err, n, k, values.dtype)
+    check_meta_values(_to_err, meta)  # an offline conversion: the codes are read
     reordered = meta.new_empty(n * (k // 16))
     reordered.scatter_(0, _scatter_offsets(n, k // 16, meta.device), meta.reshape(-1))
     return _cutlass_class()(
@@ -116,4 +124,5 @@ def from_torch_semi_structured(tensor) -> tuple[torch.Tensor, torch.Tensor]:
         )
     offsets = _scatter_offsets(n, k // 16, meta.device)
     ours = meta.reshape(-1).gather(0, offsets).view(n, k // 16)
+    check_meta_values(_from_err, ours)
     return packed.contiguous(), ours

@@ -236,6 +236,13 @@ def test_bridge_errors():
         s24.to_torch_semi_structured([1.0], meta)
     with raises(TypeError, back, "SparseSemiStructuredTensorCUTLASS; got Tensor"):
         s24.from_torch_semi_structured(torch.randn(32, 64))
+    values, meta = pruned(64, 128, torch.float16, "cpu")
+    with raises(ValueError, to, "row 0, group 0 \\(columns 0..3\\) has code 0x0"):
+        s24.to_torch_semi_structured(values, torch.zeros_like(meta))
+    tensor = s24.to_torch_semi_structured(values, meta)
+    tensor.meta.zero_()  # a corrupted CUTLASS tensor
+    with raises(ValueError, back, "has code 0x0 \\(i0 = 0, i1 = 0\\)"):
+        s24.from_torch_semi_structured(tensor)
 
 
 @pytest.mark.gpu
