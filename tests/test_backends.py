@@ -135,7 +135,7 @@ def test_meta_tensors_take_the_fake_kernel(monkeypatch):
         dllm_kernels.sparse24_mm(meta(3, 16), values, meta16)  # the fake kernel checks too
 
 
-COMPILED_OPS = ("logits_to_confidence", "select_unmask", "sparse24_mm", "block_attention")
+COMPILED_OPS = ("logits_to_confidence", "select_unmask", "sparse24_mm", "block_attention", "armor_linear")
 
 
 def test_compiled_kernels_take_the_dispatch_keys():
@@ -154,6 +154,7 @@ def _calls():
     weight = torch.randn(24, 64)
     values, meta = dllm_kernels.compress_24(weight)
     x, bias = torch.randn(3, 64), torch.randn(24)
+    wrap_in, wrap_out = torch.randn(4, 16, 16), torch.randn(3, 8, 8)
     q, cache = torch.randn(2, 5, 4, 16), torch.randn(2, 24, 2, 16)
     new, starts, lengths = torch.randn(2, 5, 2, 16), torch.tensor([3, 9]).int(), torch.tensor([8, 24])
     return {
@@ -164,6 +165,7 @@ def _calls():
             score, eligible, k=k, policy="topk_or_threshold", threshold=0.2
         ),
         "sparse24_mm": lambda: dllm_kernels.sparse24_mm(x, values, meta, bias),
+        "armor_linear": lambda: dllm_kernels.armor_linear(x, wrap_in, values, meta, wrap_out, bias),
         "block_attention": lambda: dllm_kernels.block_attention(
             q,
             cache.clone(),

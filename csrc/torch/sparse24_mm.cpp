@@ -81,6 +81,36 @@ bool accepts(const Tensor& x, const Tensor& values, const Tensor& meta, const st
                    bias->device() == device);
 }
 
+// blockdiag(blocks) applied to the last dim of v [M, n] (fp32): each block of v times its block's
+// transpose, one batched product.
+Tensor block_diagonal_apply(const Tensor& blocks, const Tensor& v) {
+  const int64_t n_blocks = blocks.size(0), size = blocks.size(1), rows = v.size(0);
+  const Tensor by_block = v.view({rows, n_blocks, size}).transpose(0, 1);  // [G, M, bs]
+  return at::bmm(by_block, blocks.to(at::kFloat).transpose(1, 2)).transpose(0, 1).reshape({rows, n_blocks * size});
+}
+
+// armor_linear on the CPU: the reference's fp32 composition (dllm_kernels/reference/sparse24.py) with the
+// sparse kernel on the fp32 inner product (it takes an fp32 x beside a 16-bit weight: nothing is rounded
+// between the three products).
+Tensor armor_run(const Tensor& x, const Tensor& wrap_in, const Tensor& values, const Tensor& meta,
+                 const Tensor& wrap_out, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(x.is_cpu(), "dllm::armor_linear: internal: the compiled armor_linear runs CPU tensors");
+  const int64_t k = x.size(-1), rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  const Tensor inner = block_diagonal_apply(wrap_in, x.reshape({rows, k}).to(at::kFloat));
+  Tensor out = block_diagonal_apply(wrap_out, run(inner, values, meta, std::nullopt));
+  if (bias) out = out + bias->to(at::kFloat);
+  auto shape = x.sizes().vec();
+  shape.back() = values.size(0);
+  return out.to(x.scalar_type()).view(shape);
+}
+
+// wrap_in / wrap_out: [size / bs, bs, bs] blocks in x's dtype and device.
+bool is_wrap(const Tensor& blocks, int64_t size, const Tensor& x) {
+  return blocks.dim() == 3 && blocks.size(1) == blocks.size(2) && blocks.size(1) > 0 &&
+         blocks.size(0) * blocks.size(1) == size && blocks.scalar_type() == x.scalar_type() &&
+         blocks.device() == x.device();
+}
+
 // The op's kernel for the CPU and CUDA dispatch keys.
 Tensor op(const Tensor& x, const Tensor& values, const Tensor& meta, const std::optional<Tensor>& bias) {
   if (fast_path_enabled() && accepts(x, values, meta, bias)) return run(x, values, meta, bias);
@@ -89,16 +119,32 @@ Tensor op(const Tensor& x, const Tensor& values, const Tensor& meta, const std::
   return python_impl(kOp, py::make_tuple(x, values, meta, bias), py::dict()).cast<Tensor>();
 }
 
+// armor_linear's kernel for the CPU dispatch key (its CUDA tensors go to Python, which picks Triton).
+Tensor armor_op(const Tensor& x, const Tensor& wrap_in, const Tensor& values, const Tensor& meta,
+                const Tensor& wrap_out, const std::optional<Tensor>& bias) {
+  if (fast_path_enabled() && x.is_cpu() && accepts(x, values, meta, bias) &&
+      is_wrap(wrap_in, 2 * values.size(1), x) && is_wrap(wrap_out, values.size(0), x))
+    return armor_run(x, wrap_in, values, meta, wrap_out, bias);
+  namespace py = pybind11;
+  const py::gil_scoped_acquire gil;
+  return python_impl("armor_linear", py::make_tuple(x, wrap_in, values, meta, wrap_out, bias), py::dict())
+      .cast<Tensor>();
+}
+
 }  // namespace
 
 void register_sparse24_mm(pybind11::module_& m) {
-  // The cpu and cuda providers (Python has chosen and checked): the same kernel behind use_backend.
+  // The cpu and cuda providers (Python has chosen and checked): the same kernels behind use_backend.
   m.def("sparse24_mm_run", &run);
+  m.def("armor_linear_run", &armor_run);
 }
 
 }  // namespace dllm::bindings
 
-TORCH_LIBRARY_IMPL(dllm, CPU, m) { m.impl("sparse24_mm", TORCH_FN(dllm::bindings::op)); }
+TORCH_LIBRARY_IMPL(dllm, CPU, m) {
+  m.impl("sparse24_mm", TORCH_FN(dllm::bindings::op));
+  m.impl("armor_linear", TORCH_FN(dllm::bindings::armor_op));
+}
 #ifdef DLLM_WITH_CUDA
 TORCH_LIBRARY_IMPL(dllm, CUDA, m) { m.impl("sparse24_mm", TORCH_FN(dllm::bindings::op)); }
 #endif

@@ -251,11 +251,9 @@ for _backend in ("cpu", "cuda"):
 
 @dispatchers["armor_linear"].register("cpu")
 def _cpu_armor(x, wrap_in, values, meta, wrap_out, bias=None):
-    """The reference's composition with the sparse product in the C++ kernel, on the fp32 inner product
-    (the kernel takes an fp32 x beside a 16-bit weight: nothing is rounded between the three products)."""
-    return reference.armor_linear(
-        x, wrap_in, values, meta, wrap_out, bias, core_product=lambda inner: _compiled_mm(inner, values, meta)
-    )
+    """The reference's composition in C++ (csrc/torch/sparse24_mm.cpp), the sparse product in the CPU kernel
+    on the fp32 inner product: nothing is rounded between the three products."""
+    return _extension._C.armor_linear_run(x, wrap_in, values, meta, wrap_out, bias)
 
 
 def _triton_armor_supports(x, wrap_in, values, meta, wrap_out, bias=None):

@@ -107,12 +107,11 @@ def block_diagonal_apply(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None, core_product=None):
-    """ARMOR's ``W ~ A . S . B`` per row of x: ``blockdiag(wrap_out) . S . blockdiag(wrap_in) . x + bias``.
-    ``core_product(inner)``: ``S . inner`` for the fp32 ``inner [..., K]`` (a backend's kernel; default
-    ``sparse_product``)."""
+def armor_linear(x, wrap_in, values, meta, wrap_out, bias=None):
+    """ARMOR's ``W ~ A . S . B`` per row of x: ``blockdiag(wrap_out) . S . blockdiag(wrap_in) . x + bias``, in
+    fp32 throughout (``S`` over its kept elements, ``sparse_product``)."""
     inner = block_diagonal_apply(wrap_in, x)
-    sparse = sparse_product(inner, values, meta) if core_product is None else core_product(inner)
+    sparse = sparse_product(inner, values, meta)
     out = block_diagonal_apply(wrap_out, sparse)
     if bias is not None:
         out = out + bias.float()
