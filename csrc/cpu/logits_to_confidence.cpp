@@ -40,42 +40,68 @@ namespace {
 // product per lane, its high word one shift away and its low word already in place. Plain inline
 // functions with an AVX-512 target: only the AVX-512 clone calls them, and inlines them there (the other
 // clones compile calls they never make).
+template <int N>  // N independent sets of 16 words: their multiply chains interleave
 struct WordsAvx512 {
-  __m512i even, odd;
+  __m512i even[N], odd[N];
 
-  __attribute__((target("avx512f"))) static inline WordsAvx512 of(simd::vuint v) {
-    const __m512i words = reinterpret_cast<__m512i>(v);
-    return {words, _mm512_maskz_srli_epi64(0xFF, words, 32)};
+  __attribute__((target("avx512f"))) static inline WordsAvx512 of(const simd::vuint (&v)[N]) {
+    WordsAvx512 r;
+    for (int i = 0; i < N; ++i) {
+      r.even[i] = reinterpret_cast<__m512i>(v[i]);
+      r.odd[i] = _mm512_maskz_srli_epi64(0xFF, r.even[i], 32);
+    }
+    return r;
   }
-  __attribute__((target("avx512f"))) inline simd::vuint words() const {
-    return reinterpret_cast<simd::vuint>(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_maskz_slli_epi64(0xFF, odd, 32)));
+  __attribute__((target("avx512f"))) static inline WordsAvx512 of(uint32_t k) {
+    simd::vuint v[N];
+    for (int i = 0; i < N; ++i) v[i] = simd::vuint{} + k;
+    return of(v);
+  }
+  __attribute__((target("avx512f"))) inline simd::vuint words(int i) const {
+    return reinterpret_cast<simd::vuint>(
+        _mm512_mask_blend_epi32(0xAAAA, even[i], _mm512_maskz_slli_epi64(0xFF, odd[i], 32)));
   }
   __attribute__((target("avx512f"))) friend inline WordsAvx512 operator^(WordsAvx512 a, WordsAvx512 b) {
-    return {_mm512_xor_si512(a.even, b.even), _mm512_xor_si512(a.odd, b.odd)};
+    for (int i = 0; i < N; ++i) {
+      a.even[i] = _mm512_xor_si512(a.even[i], b.even[i]);
+      a.odd[i] = _mm512_xor_si512(a.odd[i], b.odd[i]);
+    }
+    return a;
   }
   __attribute__((target("avx512f"))) friend inline WordsAvx512 operator^(WordsAvx512 a, uint32_t k) {
     const __m512i key = _mm512_set1_epi32(static_cast<int>(k));
-    return {_mm512_xor_si512(a.even, key), _mm512_xor_si512(a.odd, key)};
+    for (int i = 0; i < N; ++i) {
+      a.even[i] = _mm512_xor_si512(a.even[i], key);
+      a.odd[i] = _mm512_xor_si512(a.odd[i], key);
+    }
+    return a;
   }
 };
 
+template <int N>
 struct MulHiLoAvx512 {
   // The zero-masked forms: GCC 12 warns that the unmasked ones read an undefined pass-through.
-  __attribute__((target("avx512f"))) static inline void run(uint32_t a, WordsAvx512 b, WordsAvx512& hi,
-                                                             WordsAvx512& lo) {
+  __attribute__((target("avx512f"))) static inline void run(uint32_t a, WordsAvx512<N> b, WordsAvx512<N>& hi,
+                                                             WordsAvx512<N>& lo) {
     const __m512i factor = _mm512_set1_epi32(static_cast<int>(a));
-    lo = {_mm512_maskz_mul_epu32(0xFF, b.even, factor), _mm512_maskz_mul_epu32(0xFF, b.odd, factor)};
-    hi = {_mm512_maskz_srli_epi64(0xFF, lo.even, 32), _mm512_maskz_srli_epi64(0xFF, lo.odd, 32)};
+    for (int i = 0; i < N; ++i) {
+      lo.even[i] = _mm512_maskz_mul_epu32(0xFF, b.even[i], factor);
+      lo.odd[i] = _mm512_maskz_mul_epu32(0xFF, b.odd[i], factor);
+      hi.even[i] = _mm512_maskz_srli_epi64(0xFF, lo.even[i], 32);
+      hi.odd[i] = _mm512_maskz_srli_epi64(0xFF, lo.odd[i], 32);
+    }
   }
 };
 
-// The four Philox words of 16 counters (c0) sharing the rest of the counter (c1..c3), on AVX-512.
-__attribute__((target("avx512f"))) inline void philox4_avx512(simd::vuint c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                                              uint64_t seed, simd::vuint (&w)[4]) {
-  WordsAvx512 c[4] = {WordsAvx512::of(c0), WordsAvx512::of(simd::vuint{} + c1), WordsAvx512::of(simd::vuint{} + c2),
-                      WordsAvx512::of(simd::vuint{} + c3)};
-  philox4<WordsAvx512, MulHiLoAvx512>(c[0], c[1], c[2], c[3], seed);
-  for (int i = 0; i < 4; ++i) w[i] = c[i].words();
+// The four Philox words of N vectors of 16 counters (c0) sharing the rest of the counter (c1..c3).
+template <int N>
+__attribute__((target("avx512f"))) inline void philox4_avx512(const simd::vuint (&c0)[N], uint32_t c1, uint32_t c2,
+                                                              uint32_t c3, uint64_t seed, simd::vuint (&w)[N][4]) {
+  WordsAvx512<N> c[4] = {WordsAvx512<N>::of(c0), WordsAvx512<N>::of(c1), WordsAvx512<N>::of(c2),
+                         WordsAvx512<N>::of(c3)};
+  philox4<WordsAvx512<N>, MulHiLoAvx512<N>>(c[0], c[1], c[2], c[3], seed);
+  for (int i = 0; i < N; ++i)
+    for (int k = 0; k < 4; ++k) w[i][k] = c[k].words(i);
 }
 
 using simd::kLanes;
@@ -87,9 +113,11 @@ constexpr int64_t kBlock = 2048;                // fp32 block kept in L1
 constexpr int64_t kMinChunk = 16 * 1024;        // smallest vocabulary chunk worth a thread
 constexpr int64_t kMinParallel = 32 * 1024;     // fewer logits than this: one thread beats a fork / join
 constexpr int64_t kUnit = 4 * kLanes;           // sampling columns per Philox call on a vector of counters
-// A block whose candidates exceed 3/4 of its columns samples every unit instead (one Philox call per 64
-// columns beats one per 16 candidates there; measured on Zen 4).
-constexpr int64_t kDenseNum = 3, kDenseDen = 4;
+// A block whose candidates exceed half its columns samples every unit instead (one Philox call per 64
+// columns beats one per 32 candidates there; measured on Sapphire Rapids).
+constexpr int64_t kDenseNum = 1, kDenseDen = 2;
+constexpr int kCandidateSets = 2;   // candidate vectors per Philox call (3 or more spill registers)
+constexpr float kRaceRange = 65536.f;  // race filter while |logits|, |best key| <= T * this
 static_assert(kBlock % kUnit == 0, "blocks hold whole sampling units");
 
 struct RowContext {
@@ -160,6 +188,31 @@ DLLM_SIMD_INLINE void to_columns(const vuint (&w)[4], vuint (&cols)[4]) {
   cols[3] = __builtin_shuffle(b01, b23, second);
 }
 
+// Race filter: a key l + T * g beats best only if -log u < 2^t, t = (l - best) / (T ln 2); as
+// -log u >= 1 - u >= 2^e with e the binary exponent of 1 - u, a column with e >= t + 1 cannot win and
+// skips the two logs (the 1 is slack for rounding). Trusted only while the fp32 rounding of keys near
+// best stays far below T * ln 2: |best|, |logits| <= T * 2^16.
+DLLM_SIMD_INLINE bool race_filter_holds(float best, float lmax, float temperature) {
+  return std::isfinite(best) && std::max(std::fabs(best), std::fabs(lmax)) <= temperature * kRaceRange;
+}
+
+// t + 1 per lane (NaN logits give NaN: never below it); +inf keeps every lane.
+DLLM_SIMD_INLINE vfloat race_limit(vfloat x, float best, float temperature, bool race) {
+  return race ? (x - best) * (kLog2e / temperature) + 1.f : simd::splat(INFINITY);
+}
+
+// Sampling keys l + T * -log(-log u) from the Philox words, -inf where the exponent of 1 - u reaches
+// limit; no logs at all when no lane is left. (A mask selected by a scalar condition here made GCC
+// scalarize the comparison: the lanes are kept through the logits instead.)
+DLLM_SIMD_INLINE vfloat sampling_key(vfloat x, vuint word, float temperature, vfloat limit) {
+  const vfloat u = (__builtin_convertvector(word >> 9, vfloat) + 0.5f) * 0x1p-23f;
+  const vfloat one_minus_u = 1.f - u;  // normal, >= 2^-24
+  const vfloat exponent = __builtin_convertvector(reinterpret_cast<vint>(one_minus_u) >> 23, vfloat) - 127.f;
+  const vfloat kept = simd::select(exponent < limit, x, simd::splat(-INFINITY));
+  if (!simd::any(kept > -INFINITY)) return simd::splat(-INFINITY);
+  return kept + temperature * -simd::log(-simd::log(u));
+}
+
 // Sampling keys l + T * g for the block (begin a multiple of kUnit, buf padded with -inf to whole units);
 // updates (kmax, kidx, kl) with the first maximum.
 template <bool kAvx512>
@@ -177,11 +230,14 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
       for (int v = 0; v < 4; ++v) simd::store(keys + j + v * kLanes, simd::splat(-INFINITY));
       continue;
     }
+    const bool race = race_filter_holds(best, st.lmax, temperature);
     const vuint counters = lane + static_cast<uint32_t>((begin + j) / 4);
     const uint32_t offset_lo = static_cast<uint32_t>(ctx.offset), offset_hi = static_cast<uint32_t>(ctx.offset >> 32);
     vuint w[4] = {counters, vuint{} + row_id, vuint{} + offset_lo, vuint{} + offset_hi};
     if constexpr (kAvx512) {
-      philox4_avx512(counters, row_id, offset_lo, offset_hi, ctx.seed, w);
+      vuint words[1][4];
+      philox4_avx512<1>({counters}, row_id, offset_lo, offset_hi, ctx.seed, words);
+      for (int k = 0; k < 4; ++k) w[k] = words[0][k];
     } else {
       philox4<vuint>(w[0], w[1], w[2], w[3], ctx.seed);
     }
@@ -189,8 +245,7 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
     to_columns(w, cols);
     vfloat unit_max = simd::splat(-INFINITY);
     for (int v = 0; v < 4; ++v) {
-      const vfloat u = (__builtin_convertvector(cols[v] >> 9, vfloat) + 0.5f) * 0x1p-23f;
-      const vfloat key = x[v] + temperature * -simd::log(-simd::log(u));
+      const vfloat key = sampling_key(x[v], cols[v], temperature, race_limit(x[v], best, temperature, race));
       simd::store(keys + j + v * kLanes, key);
       unit_max = simd::max_ignore_nan(unit_max, key);
     }
@@ -209,13 +264,15 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
 
 // sample_block on AVX-512, for the candidates only: the columns whose logit l has l + T * kGumbelBound
 // above the best key of the earlier blocks (a few percent of a real vocabulary; every column of the first
-// block). Their indices are compressed into a list (vpcompressd) and each 16 of them take one Philox call
-// on their own counters, with word col % 4 picked per lane: noise and logs only where a key can win.
+// block). Their indices and logits are compressed into lists (vpcompressd); each Philox call takes
+// kCandidateSets vectors of 16 on their own counters (their independent multiply chains interleave), with
+// word col % 4 picked per lane; the race filter then leaves the logs to the few that can still win.
 // The keys are the same fp32 arithmetic as sample_block's. A standalone AVX-512 function, called only
 // when the CPU has AVX-512 (the other clones compile the call and never make it).
 __attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* buf, int64_t begin, int64_t n,
                                                                uint32_t row_id, const RowContext& ctx,
                                                                int32_t* candidates, float* keys, ConfState& st) {
+  float* candidate_logits = keys;  // keys are scratch until sample_block needs them
   const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const float temperature = ctx.k.temperature;
   const __m512 reach = _mm512_set1_ps(temperature * kGumbelBound), kmax = _mm512_set1_ps(st.kmax);
@@ -223,33 +280,46 @@ __attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* bu
   for (int64_t j = 0; j < n; j += kLanes) {
     const __m512 x = reinterpret_cast<__m512>(simd::load(buf + j));
     const __mmask16 can_win = _mm512_cmp_ps_mask(_mm512_add_ps(x, reach), kmax, _CMP_GT_OQ);
-    _mm512_mask_compressstoreu_epi32(candidates + count, can_win,
-                                     reinterpret_cast<__m512i>(lane + static_cast<int32_t>(j)));
+    // Compress in registers and store whole vectors: compress-to-memory (and a later gather) are
+    // microcoded or slow on current x86 cores.
+    const __m512i column = reinterpret_cast<__m512i>(lane + static_cast<int32_t>(j));
+    _mm512_storeu_si512(candidates + count, _mm512_maskz_compress_epi32(can_win, column));
+    _mm512_storeu_ps(candidate_logits + count, _mm512_maskz_compress_ps(can_win, x));
     count += __builtin_popcount(can_win);
   }
   if (count * kDenseDen > n * kDenseNum) {
     sample_block<true>(buf, begin, n, row_id, ctx, keys, st);
     return;
   }
+  // Pad both lists to whole sets of vectors (logit -inf never wins): each Philox call takes kCandidateSets
+  // vectors of candidates.
+  for (int32_t pad = count; pad < count + kCandidateSets * kLanes; pad += kLanes) {
+    _mm512_storeu_si512(candidates + pad, _mm512_setzero_si512());
+    _mm512_storeu_ps(candidate_logits + pad, _mm512_set1_ps(-INFINITY));
+  }
   const uint32_t counter0 = static_cast<uint32_t>(begin / 4);
+  const bool race = race_filter_holds(st.kmax, st.lmax, temperature);
   vfloat best = simd::splat(-INFINITY);
   vint best_at = vint{} - 1;
-  for (int32_t c = 0; c < count; c += kLanes) {
-    const __mmask16 valid = static_cast<__mmask16>(count - c >= kLanes ? 0xFFFF : (1u << (count - c)) - 1);
-    const __m512i at = _mm512_maskz_loadu_epi32(valid, candidates + c);
-    const vint idx = reinterpret_cast<vint>(at);
-    const vfloat x = reinterpret_cast<vfloat>(
-        _mm512_mask_i32gather_ps(_mm512_set1_ps(-INFINITY), valid, at, buf, sizeof(float)));
-    vuint w[4];
-    philox4_avx512(reinterpret_cast<vuint>(idx >> 2) + counter0, row_id, static_cast<uint32_t>(ctx.offset),
-                   static_cast<uint32_t>(ctx.offset >> 32), ctx.seed, w);
-    const vint odd = (idx & 1) != 0;
-    const vuint word = ((idx & 2) != 0) ? (odd ? w[3] : w[2]) : (odd ? w[1] : w[0]);
-    const vfloat u = (__builtin_convertvector(word >> 9, vfloat) + 0.5f) * 0x1p-23f;
-    const vfloat key = x + temperature * -simd::log(-simd::log(u));  // padding lanes: -inf + finite
-    const vint better = key > best;  // strict: each lane keeps its first (lowest-column) maximum
-    best = better ? key : best;
-    best_at = better ? idx : best_at;
+  for (int32_t c = 0; c < count; c += kCandidateSets * kLanes) {
+    vint idx[kCandidateSets];
+    vuint counters[kCandidateSets];
+    for (int h = 0; h < kCandidateSets; ++h) {
+      idx[h] = reinterpret_cast<vint>(_mm512_loadu_si512(candidates + c + h * kLanes));
+      counters[h] = reinterpret_cast<vuint>(idx[h] >> 2) + counter0;
+    }
+    vuint w[kCandidateSets][4];
+    philox4_avx512<kCandidateSets>(counters, row_id, static_cast<uint32_t>(ctx.offset),
+                                   static_cast<uint32_t>(ctx.offset >> 32), ctx.seed, w);
+    for (int h = 0; h < kCandidateSets; ++h) {  // in list order: each lane keeps its first (lowest-column) maximum
+      const vfloat x = simd::load(candidate_logits + c + h * kLanes);
+      const vint odd = (idx[h] & 1) != 0;
+      const vuint word = ((idx[h] & 2) != 0) ? (odd ? w[h][3] : w[h][2]) : (odd ? w[h][1] : w[h][0]);
+      const vfloat key = sampling_key(x, word, temperature, race_limit(x, st.kmax, temperature, race));
+      const vint better = key > best;
+      best = better ? key : best;
+      best_at = better ? idx[h] : best_at;
+    }
   }
   const float block_best = simd::reduce_max(best);
   if (!(block_best > st.kmax)) return;
@@ -265,8 +335,8 @@ template <class T>
 DLLM_SIMD_INLINE void scan_chunk_impl(const T* row, int64_t begin, int64_t end, uint32_t row_id,
                                       const RowContext& ctx, ConfState& st) {
   alignas(64) float buf[kBlock];
-  alignas(64) float keys[kBlock];
-  alignas(64) int32_t candidates[kBlock];
+  alignas(64) float keys[kBlock + kCandidateSets * kLanes];  // candidate lists store and pad whole vectors
+  alignas(64) int32_t candidates[kBlock + kCandidateSets * kLanes];
   const ConfConsts& k = ctx.k;
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = std::min(kBlock, end - start);

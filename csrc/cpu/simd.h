@@ -33,10 +33,17 @@ DLLM_SIMD_INLINE vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a 
 // Lane-wise max that ignores NaN in x (NaN > m is false).
 DLLM_SIMD_INLINE vfloat max_ignore_nan(vfloat m, vfloat x) { return x > m ? x : m; }
 
+// Largest lane of a NaN-free v, folding halves in registers (a lane loop is a chain of 15 dependent maxes).
 DLLM_SIMD_INLINE float reduce_max(vfloat v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  typedef float vfloat8 __attribute__((vector_size(32)));
+  typedef float vfloat4 __attribute__((vector_size(16)));
+  const vfloat8 lo8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vfloat8 hi8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vfloat8 m8 = hi8 > lo8 ? hi8 : lo8;
+  const vfloat4 lo4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), hi4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const vfloat4 m4 = hi4 > lo4 ? hi4 : lo4;
+  const float a = m4[0] > m4[1] ? m4[0] : m4[1], b = m4[2] > m4[3] ? m4[2] : m4[3];
+  return a > b ? a : b;
 }
 
 DLLM_SIMD_INLINE float reduce_sum(vfloat v) {
@@ -45,10 +52,16 @@ DLLM_SIMD_INLINE float reduce_sum(vfloat v) {
   return s;
 }
 
+// OR-folds halves in registers: with a loop over lanes, GCC scalarizes the comparison feeding the mask
+// too (16 scalar compares where one vector compare was written).
 DLLM_SIMD_INLINE bool any(vint mask) {
-  int r = 0;
-  for (int i = 0; i < kLanes; ++i) r |= mask[i];
-  return r != 0;
+  typedef int32_t vint8 __attribute__((vector_size(32)));
+  typedef int64_t vlong2 __attribute__((vector_size(16)));
+  const vint8 half = __builtin_shufflevector(mask, mask, 0, 1, 2, 3, 4, 5, 6, 7) |
+                     __builtin_shufflevector(mask, mask, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vlong2 quarter = reinterpret_cast<vlong2>(__builtin_shufflevector(half, half, 0, 1, 2, 3) |
+                                                  __builtin_shufflevector(half, half, 4, 5, 6, 7));
+  return (quarter[0] | quarter[1]) != 0;
 }
 
 // Load 16 elements of float / half / bfloat16 (passed as their 16-bit pattern) as fp32.
