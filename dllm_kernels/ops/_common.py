@@ -1,29 +1,44 @@
 """Argument checks and layout helpers that every op module shares."""
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
-class OpCall:
-    """``torch.ops.dllm.<op>.default`` called with only the keyword options that differ from their schema
-    defaults: torch.ops parses every keyword it is given (about 0.4 us each), the public functions'
-    per-call cost."""
+def _same(value, default) -> bool:
+    return type(value) is type(default) and value == default
 
-    def __init__(self, op: str):
-        self.overload = getattr(torch.ops.dllm, op).default
-        self.defaults = {a.name: a.default_value for a in self.overload._schema.arguments if a.kwarg_only}
 
-    def __call__(self, *args, **options):
-        defaults = self.defaults
+def op_call(op: str, public):
+    """``torch.ops.dllm.<op>.default`` for a public function, which passes its tensors and then its keyword
+    options positionally, in the schema's order (checked here). Only options that differ from their schema
+    defaults reach torch.ops, which parses every keyword it is given (about 0.4 us each); an option left
+    at the public function's own default (when that equals the schema's) is the same object, so the
+    common all-default call costs one identity pass."""
+    overload = getattr(torch.ops.dllm, op).default
+    options = [a for a in overload._schema.arguments if a.kwarg_only]
+    names = tuple(a.name for a in options)
+    own = public.__kwdefaults__
+    if tuple(own) != names:
+        raise TypeError(f"dllm::{op}: keyword options {tuple(own)} are not the schema's {names}")
+    defaults = tuple(own[a.name] if _same(own[a.name], a.default_value) else a.default_value for a in options)
+    n_options = len(names)
+
+    def call(*args):
+        values = args[-n_options:]
+        if all(map(operator.is_, values, defaults)):
+            return overload(*args[:-n_options])
         changed = {
             name: value
-            for name, value in options.items()
-            if value is not defaults[name]
-            and not (type(value) is type(defaults[name]) and value == defaults[name])
+            for name, value, default in zip(names, values, defaults, strict=True)
+            if value is not default and not _same(value, default)
         }
-        return self.overload(*args, **changed)
+        return overload(*args[:-n_options], **changed)
+
+    return call
 
 
 def describe(value) -> str:

@@ -7,7 +7,7 @@ import torch
 from .. import _extension
 from .._backends import DEBUG_CHECKS, define_op
 from ..reference import block_attention as reference
-from ._common import FLOAT_DTYPES, OpCall, OpError, describe, may_overlap
+from ._common import FLOAT_DTYPES, OpError, describe, may_overlap, op_call
 
 OP = "block_attention"
 _err = OpError(OP)
@@ -46,18 +46,7 @@ def block_attention(
         ``out`` ``[B, Sq, Hq, D]`` in q's dtype and ``lse``. A query that sees no key gets ``out = 0`` and
         ``lse = -inf``.
     """
-    return _call(
-        q,
-        k_cache,
-        v_cache,
-        q_start,
-        kv_len,
-        k_new=k_new,
-        v_new=v_new,
-        block_size=block_size,
-        scale=scale,
-        return_lse=return_lse,
-    )
+    return _call(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse)
 
 
 def _tensor4(name, t):
@@ -159,7 +148,7 @@ def _fake(q, *args):
 
 
 dispatcher = define_op(OP, checked_args, _fake, _prepare)
-_call = OpCall(OP)
+_call = op_call(OP, block_attention)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.block_attention)
 

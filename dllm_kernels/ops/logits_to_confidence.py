@@ -5,7 +5,7 @@ import torch
 from .. import _extension
 from .._backends import define_op
 from ..reference import logits_to_confidence as reference
-from ._common import FLOAT_DTYPES, OpCall, OpError, rows_view
+from ._common import FLOAT_DTYPES, OpError, op_call, rows_view
 
 OP = "logits_to_confidence"
 SCORES = ("prob", "margin", "neg_entropy", "logit_margin", "random")
@@ -53,18 +53,12 @@ def logits_to_confidence(
     valid: ``prob`` and ``margin`` in [0, 1], ``neg_entropy <= 0``; ``token == -1`` exactly where the score
     is ``-inf`` or NaN.
     """
-    _err.int64("seed", seed)  # before torch.ops, whose own message for a Python int beyond int64 is opaque
-    _err.int64("offset", offset)
-    return _call(
-        logits,
-        eligible,
-        temperature=temperature,
-        score=score,
-        tempered_score=tempered_score,
-        banned=banned,
-        seed=seed,
-        offset=offset,
-    )
+    try:
+        return _call(logits, eligible, temperature, score, tempered_score, banned, seed, offset)
+    except RuntimeError:  # torch.ops' own message for a Python int beyond int64 is opaque: say which
+        _err.int64("seed", seed)
+        _err.int64("offset", offset)
+        raise
 
 
 def checked_args(
@@ -109,7 +103,7 @@ def _fake(logits, *_):
 
 
 dispatcher = define_op(OP, checked_args, _fake, choices=SCORES)
-_call = OpCall(OP)
+_call = op_call(OP, logits_to_confidence)
 if _extension._C is not None:
     _extension._C.set_temperature_range(*TEMPERATURE_RANGE)
 # The reference takes the schema's arguments in order.

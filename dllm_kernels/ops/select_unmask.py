@@ -7,7 +7,7 @@ import torch
 from .. import _extension
 from .._backends import define_op
 from ..reference import select_unmask as reference
-from ._common import OpCall, OpError, describe
+from ._common import OpError, describe, op_call
 
 OP = "select_unmask"
 POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all", "factor_upstream")
@@ -50,18 +50,7 @@ def select_unmask(
         ``selected`` bool ``[B, L]`` and ``count`` int32 ``[B]``. Selection is exact: the first ``count[b]``
         positions of a stable descending sort on ``(score, -position)``. No host sync.
     """
-    return _call(
-        score,
-        eligible,
-        policy=policy,
-        k=k,
-        threshold=threshold,
-        inclusive=inclusive,
-        factor=factor,
-        min_per_row=min_per_row,
-        token=token,
-        x=x,
-    )
+    return _call(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
 
 
 def _matrix(name, t, dtype, score):
@@ -141,7 +130,7 @@ def _fake(score, *_):
 
 
 dispatcher = define_op(OP, checked_args, _fake, choices=POLICIES)
-_call = OpCall(OP)
+_call = op_call(OP, select_unmask)
 # The reference takes the schema's arguments in order.
 dispatcher.register("reference")(reference.select_unmask)
 
