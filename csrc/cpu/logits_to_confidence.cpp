@@ -262,6 +262,33 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
   }
 }
 
+// Keys of n_sets vectors of candidates (columns begin + idx, logits x) through one Philox call, folded
+// into each lane's first (lowest-column) maximum: lanes see their columns in increasing order.
+template <int n_sets>
+__attribute__((target("arch=x86-64-v4"))) inline void key_sets(const int32_t* idx, const float* x, int64_t begin,
+                                                             uint32_t row_id, const RowContext& ctx, float bound,
+                                                             bool race, vfloat& best, vint& best_at) {
+  vint at[n_sets];
+  vuint counters[n_sets];
+  for (int h = 0; h < n_sets; ++h) {
+    at[h] = reinterpret_cast<vint>(_mm512_loadu_si512(idx + h * kLanes));
+    counters[h] = reinterpret_cast<vuint>(at[h] >> 2) + static_cast<uint32_t>(begin / 4);
+  }
+  vuint w[n_sets][4];
+  philox4_avx512<n_sets>(counters, row_id, static_cast<uint32_t>(ctx.offset), static_cast<uint32_t>(ctx.offset >> 32),
+                         ctx.seed, w);
+  const float temperature = ctx.k.temperature;
+  for (int h = 0; h < n_sets; ++h) {
+    const vfloat logits = simd::load(x + h * kLanes);
+    const vint odd = (at[h] & 1) != 0;
+    const vuint word = ((at[h] & 2) != 0) ? (odd ? w[h][3] : w[h][2]) : (odd ? w[h][1] : w[h][0]);
+    const vfloat key = sampling_key(logits, word, temperature, race_limit(logits, bound, temperature, race));
+    const vint better = key > best;
+    best = better ? key : best;
+    best_at = better ? at[h] : best_at;
+  }
+}
+
 // sample_block on AVX-512, for the candidates only: the columns whose logit l has l + T * kGumbelBound
 // above the best key of the earlier blocks (a few percent of a real vocabulary; every column of the first
 // block). Their indices and logits are compressed into lists (vpcompressd); each Philox call takes
@@ -297,30 +324,14 @@ __attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* bu
     _mm512_storeu_si512(candidates + pad, _mm512_setzero_si512());
     _mm512_storeu_ps(candidate_logits + pad, _mm512_set1_ps(-INFINITY));
   }
-  const uint32_t counter0 = static_cast<uint32_t>(begin / 4);
   const bool race = race_filter_holds(st.kmax, st.lmax, temperature);
   vfloat best = simd::splat(-INFINITY);
   vint best_at = vint{} - 1;
-  for (int32_t c = 0; c < count; c += kCandidateSets * kLanes) {
-    vint idx[kCandidateSets];
-    vuint counters[kCandidateSets];
-    for (int h = 0; h < kCandidateSets; ++h) {
-      idx[h] = reinterpret_cast<vint>(_mm512_loadu_si512(candidates + c + h * kLanes));
-      counters[h] = reinterpret_cast<vuint>(idx[h] >> 2) + counter0;
-    }
-    vuint w[kCandidateSets][4];
-    philox4_avx512<kCandidateSets>(counters, row_id, static_cast<uint32_t>(ctx.offset),
-                                   static_cast<uint32_t>(ctx.offset >> 32), ctx.seed, w);
-    for (int h = 0; h < kCandidateSets; ++h) {  // in list order: each lane keeps its first (lowest-column) maximum
-      const vfloat x = simd::load(candidate_logits + c + h * kLanes);
-      const vint odd = (idx[h] & 1) != 0;
-      const vuint word = ((idx[h] & 2) != 0) ? (odd ? w[h][3] : w[h][2]) : (odd ? w[h][1] : w[h][0]);
-      const vfloat key = sampling_key(x, word, temperature, race_limit(x, st.kmax, temperature, race));
-      const vint better = key > best;
-      best = better ? key : best;
-      best_at = better ? idx[h] : best_at;
-    }
-  }
+  int32_t c = 0;
+  for (; count - c > kLanes; c += kCandidateSets * kLanes)
+    key_sets<kCandidateSets>(candidates + c, candidate_logits + c, begin, row_id, ctx, st.kmax, race, best, best_at);
+  if (c < count)  // a last vector alone: half the Philox work of a pair (blocks of a few candidates are common)
+    key_sets<1>(candidates + c, candidate_logits + c, begin, row_id, ctx, st.kmax, race, best, best_at);
   const float block_best = simd::reduce_max(best);
   if (!(block_best > st.kmax)) return;
   int32_t first = INT32_MAX;
