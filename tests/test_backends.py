@@ -1,5 +1,6 @@
 """The dispatcher: automatic choice, pinning, availability reporting, a missing extension."""
 
+import inspect
 import os
 
 import pytest
@@ -241,3 +242,54 @@ def test_pins_are_per_thread_and_reach_the_compiled_path(monkeypatch):
     worker.join(timeout=30)
     expected_main = [] if dllm_kernels._extension._C is not None else [("MainThread", "reference")]
     assert chosen == [("pinned", "reference"), *expected_main], chosen
+
+
+PUBLIC_OPS = ("logits_to_confidence", "select_unmask", "block_attention")
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_public_functions_pass_each_argument_in_its_schema_place(op, monkeypatch):
+    """The public functions hand torch.ops their options positionally: every argument, given a distinct
+    value, must reach the op call in the schema's place for its name."""
+    module = getattr(dllm_kernels.ops, op)
+    public = getattr(module, op)
+    schema = getattr(torch.ops.dllm, op).default._schema
+    names = [a.name for a in schema.arguments]
+    positional = [
+        p.name for p in inspect.signature(public).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    sentinels = {name: object() for name in names}
+    passed = []
+    monkeypatch.setattr(module, "_call", lambda *args: passed.append(args))
+    public(
+        *(sentinels[name] for name in positional), **{n: sentinels[n] for n in names if n not in positional}
+    )
+    assert len(passed) == 1 and len(passed[0]) == len(names)
+    for name, value in zip(names, passed[0], strict=True):
+        assert value is sentinels[name], f"{op}: {name} is not in its schema place"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: dllm_kernels.select_unmask(torch.rand(1, 8), torch.rand(1, 8) < 0.5, k=4),
+            "dllm::select_unmask: Expected a value of type 'Optional[Tensor]' for argument 'k'",
+        ),
+        (
+            lambda: dllm_kernels.select_unmask(torch.rand(1, 8), torch.rand(1, 8) < 0.5, min_per_row=2**70),
+            "dllm::select_unmask: min_per_row must be an int in [-2^63, 2^63)",
+        ),
+        (
+            lambda: dllm_kernels.block_attention(
+                *([torch.randn(1, 2, 1, 4)] * 3), *([torch.ones(1, dtype=torch.int32)] * 2), block_size=2**64
+            ),
+            "dllm::block_attention: block_size must be an int in [-2^63, 2^63)",
+        ),
+    ],
+)
+def test_arguments_torch_ops_cannot_parse_get_a_dllm_error(call, message):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    assert str(info.value).startswith(message), str(info.value)
+    assert info.value.__context__ is None  # not chained to torch's schema dump

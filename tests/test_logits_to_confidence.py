@@ -330,6 +330,8 @@ def _bad_calls():
         "None logits": ((None,), {}, TypeError, "logits must be a Tensor; got NoneType"),
         "seed beyond int64": ((x,), dict(seed=2**64), ValueError, "seed must be an int in [-2^63, 2^63)"),
         "offset beyond int64": ((x,), dict(offset=-(2**63) - 1), ValueError, "offset must be an int"),
+        "float seed": ((x,), dict(seed=1.5), TypeError, "type 'int' for argument 'seed'"),
+        "int score kind": ((x,), dict(score=3), TypeError, "type 'str' for argument 'score'"),
     }
 
 

@@ -26,6 +26,7 @@ inline bool cpu_has_avx512_bf16() {
   return on;
 }
 
+// With AVX512-VBMI2, which the AMX kernel's weight expansion (vpexpandw) needs; every AMX CPU has it.
 inline bool cpu_has_amx_bf16() {
   static const bool on = cpu_has_avx512() && __builtin_cpu_supports("amx-bf16") &&
                          __builtin_cpu_supports("avx512vbmi2") && !cpu_disabled("amx");

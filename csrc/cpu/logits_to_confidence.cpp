@@ -318,12 +318,9 @@ __attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* bu
     sample_block<true>(buf, begin, n, row_id, ctx, keys, st);
     return;
   }
-  // Pad both lists to whole sets of vectors (logit -inf never wins): each Philox call takes kCandidateSets
-  // vectors of candidates.
-  for (int32_t pad = count; pad < count + kCandidateSets * kLanes; pad += kLanes) {
-    _mm512_storeu_si512(candidates + pad, _mm512_setzero_si512());
-    _mm512_storeu_ps(candidate_logits + pad, _mm512_set1_ps(-INFINITY));
-  }
+  // Pad both lists to a whole vector (logit -inf never wins): key_sets reads whole vectors.
+  _mm512_storeu_si512(candidates + count, _mm512_setzero_si512());
+  _mm512_storeu_ps(candidate_logits + count, _mm512_set1_ps(-INFINITY));
   const bool race = race_filter_holds(st.kmax, st.lmax, temperature);
   vfloat best = simd::splat(-INFINITY);
   vint best_at = vint{} - 1;
@@ -346,8 +343,8 @@ template <class T>
 DLLM_SIMD_INLINE void scan_chunk_impl(const T* row, int64_t begin, int64_t end, uint32_t row_id,
                                       const RowContext& ctx, ConfState& st) {
   alignas(64) float buf[kBlock];
-  alignas(64) float keys[kBlock + kCandidateSets * kLanes];  // candidate lists store and pad whole vectors
-  alignas(64) int32_t candidates[kBlock + kCandidateSets * kLanes];
+  alignas(64) float keys[kBlock + kLanes];  // candidate lists store and pad whole vectors
+  alignas(64) int32_t candidates[kBlock + kLanes];
   const ConfConsts& k = ctx.k;
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = std::min(kBlock, end - start);

@@ -451,6 +451,10 @@ extern "C" void dllm_sparse24_mm_cpu(const DllmSparse24Params* params, int num_t
   using namespace dllm;
   const DllmSparse24Params& p = *params;
   if (p.m <= 0 || p.n <= 0) return;
+  // Small products run on one thread, on every path: below this many multiply-adds a fork / join costs
+  // more than it saves.
+  constexpr int64_t kMinParallel = int64_t{1} << 18;
+  if (p.m * p.n * std::max<int64_t>(p.k, 1) / 2 < kMinParallel) num_threads = 1;
   if (amx_apply(p)) return run_amx(p, num_threads);
   if (pairs_apply(p)) return run_pairs(p, num_threads);
   const int64_t n_chunks = (p.k + kChunk - 1) / kChunk;
@@ -460,11 +464,7 @@ extern "C" void dllm_sparse24_mm_cpu(const DllmSparse24Params* params, int num_t
   float* x = scratch.data;
   const Job job{p, x, ldx, n_chunks};
   const int64_t n_blocks = (p.n + kRows - 1) / kRows;
-  // Small products run on one thread: below this many multiply-adds a fork / join costs more than it saves.
-  constexpr int64_t kMinParallel = int64_t{1} << 18;
-  const int64_t macs = p.m * p.n * std::max<int64_t>(p.k, 1) / 2;
-  const int threads = macs < kMinParallel ? 1
-                                          : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_blocks)));
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_blocks)));
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {

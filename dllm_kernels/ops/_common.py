@@ -14,29 +14,44 @@ def _same(value, default) -> bool:
 
 def op_call(op: str, public):
     """``torch.ops.dllm.<op>.default`` for a public function, which passes its tensors and then its keyword
-    options positionally, in the schema's order (checked here). Only options that differ from their schema
-    defaults reach torch.ops, which parses every keyword it is given (about 0.4 us each); an option left
-    at the public function's own default (when that equals the schema's) is the same object, so the
-    common all-default call costs one identity pass."""
+    options positionally, in the schema's order (the public function's own options are checked against the
+    schema here; tests check what each call passes). Only options that differ from their schema defaults
+    reach torch.ops, which parses every keyword it is given (about 0.4 us each); an option left at the
+    public function's own default (when that equals the schema's) is the same object, so the common
+    all-default call costs one identity pass. An argument torch.ops cannot parse becomes a ``dllm::`` error
+    naming it (an int beyond int64 says so; torch's own message for it is opaque)."""
     overload = getattr(torch.ops.dllm, op).default
+    err = OpError(op)
     options = [a for a in overload._schema.arguments if a.kwarg_only]
     names = tuple(a.name for a in options)
     own = public.__kwdefaults__
     if tuple(own) != names:
         raise TypeError(f"dllm::{op}: keyword options {tuple(own)} are not the schema's {names}")
     defaults = tuple(own[a.name] if _same(own[a.name], a.default_value) else a.default_value for a in options)
+    int_options = {a.name for a in options if str(a.type) == "int"}
     n_options = len(names)
+    parse_failure = f"dllm::{op}() "
 
     def call(*args):
-        values = args[-n_options:]
-        if all(map(operator.is_, values, defaults)):
-            return overload(*args[:-n_options])
-        changed = {
-            name: value
-            for name, value, default in zip(names, values, defaults, strict=True)
-            if value is not default and not _same(value, default)
-        }
-        return overload(*args[:-n_options], **changed)
+        try:
+            values = args[-n_options:]
+            if all(map(operator.is_, values, defaults)):
+                return overload(*args[:-n_options])
+            changed = {
+                name: value
+                for name, value, default in zip(names, values, defaults, strict=True)
+                if value is not default and not _same(value, default)
+            }
+            return overload(*args[:-n_options], **changed)
+        except RuntimeError as e:
+            message = str(e).split("\n", 1)[0]  # the rest is torch's schema dump
+            if not message.startswith(parse_failure + "Expected a value of type"):
+                raise
+        # Outside the except block: the dllm:: error is not chained to torch's.
+        for name, value in zip(names, args[len(args) - n_options :], strict=True):
+            if name in int_options:
+                err.int64(name, value)
+        err(message[len(parse_failure) :], TypeError)
 
     return call
 

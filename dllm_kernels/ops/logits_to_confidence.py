@@ -53,12 +53,7 @@ def logits_to_confidence(
     valid: ``prob`` and ``margin`` in [0, 1], ``neg_entropy <= 0``; ``token == -1`` exactly where the score
     is ``-inf`` or NaN.
     """
-    try:
-        return _call(logits, eligible, temperature, score, tempered_score, banned, seed, offset)
-    except RuntimeError:  # torch.ops' own message for a Python int beyond int64 is opaque: say which
-        _err.int64("seed", seed)
-        _err.int64("offset", offset)
-        raise
+    return _call(logits, eligible, temperature, score, tempered_score, banned, seed, offset)
 
 
 def checked_args(
