@@ -16,6 +16,16 @@ SCHEMAS = {
         'str score="prob", bool tempered_score=False, Tensor? banned=None, int seed=0, '
         "int offset=0) -> (Tensor token, Tensor score)"
     ),
+    "logits_to_confidence_partial": (
+        "logits_to_confidence_partial(Tensor logits, Tensor? eligible=None, *, int vocab_start=0, "
+        'float temperature=0.0, str score="prob", bool tempered_score=False, Tensor? banned=None, '
+        "int seed=0, int offset=0) -> Tensor"
+    ),
+    "logits_to_confidence_merge": (
+        "logits_to_confidence_merge(Tensor states, *, int vocab_size, float temperature=0.0, "
+        'str score="prob", bool tempered_score=False, int seed=0, int offset=0) '
+        "-> (Tensor token, Tensor score)"
+    ),
     "select_unmask": (
         'select_unmask(Tensor score, Tensor eligible, *, str policy="topk", Tensor? k=None, '
         "float threshold=0.9, bool inclusive=False, float factor=1.0, int min_per_row=1, "

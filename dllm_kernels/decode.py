@@ -22,11 +22,26 @@ from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
 
 # The keyword options of logits_to_confidence; every other option of a step goes to select_unmask.
-_CONFIDENCE_OPTIONS = tuple(
-    name
-    for name, parameter in inspect.signature(logits_to_confidence).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+_CONFIDENCE_OPTIONS = (
+    *(
+        name
+        for name, parameter in inspect.signature(logits_to_confidence).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ),
+    "group",
+    "vocab_start",
 )
+
+
+def _confidence(logits, eligible, *, group=None, vocab_start=None, **options):
+    """logits_to_confidence, tensor-parallel when the logits are a vocabulary shard (vocab_start given)."""
+    if vocab_start is None:
+        if group is not None:
+            raise TypeError("dllm::decode_step: group is for vocabulary-sharded logits and needs vocab_start")
+        return logits_to_confidence(logits, eligible, **options)
+    from . import distributed
+
+    return distributed.logits_to_confidence(logits, eligible, vocab_start=vocab_start, group=group, **options)
 
 
 def _step(logits, x, eligible, *, shift=False, **options):
@@ -35,7 +50,7 @@ def _step(logits, x, eligible, *, shift=False, **options):
     else:
         x_view = x
     confidence_options = {name: options.pop(name) for name in _CONFIDENCE_OPTIONS if name in options}
-    token, confidence = logits_to_confidence(logits, eligible, **confidence_options)
+    token, confidence = _confidence(logits, eligible, **confidence_options)
     selected, count = select_unmask(confidence, eligible, token=token, x=x_view, **options)
     if shift:
         selected = torch.nn.functional.pad(selected, (1, 0))
@@ -180,7 +195,8 @@ def prophet(
     paper) commits every masked position at once, the others take a LLaDA step of ``k[b]``. The decision
     is per row and stays on the device."""
     window = logits[:, answer_start : answer_start + gap_positions]
-    gap = logits_to_confidence(window, score="logit_margin")[1].mean(-1)
+    sharding = {name: options[name] for name in ("group", "vocab_start") if name in options}
+    gap = _confidence(window, None, score="logit_margin", **sharding)[1].mean(-1)
     commit_all = gap >= gap_threshold
     masked = x == mask_id
     every = torch.full_like(k, x.shape[1])
@@ -207,8 +223,8 @@ RECIPES = {
 }
 
 
-# Options every recipe passes through to logits_to_confidence.
-_PASS_THROUGH = ("banned", "seed", "offset")
+# Options every recipe passes through to logits_to_confidence (group and vocab_start: tensor-parallel).
+_PASS_THROUGH = ("banned", "seed", "offset", "group", "vocab_start")
 
 
 def _recipe_options(recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -223,7 +239,11 @@ def _recipe_options(recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *, recipe: str, **options):
     """One decode step of ``recipe`` (one of ``RECIPES``): returns ``(x, selected, count)``, ``x`` updated
     in place. ``options`` are the recipe's keyword arguments (see each recipe's docstring) plus
-    ``banned``, ``seed`` and ``offset`` for ``logits_to_confidence``."""
+    ``banned``, ``seed`` and ``offset`` for ``logits_to_confidence``.
+
+    Tensor-parallel: with ``vocab_start`` (and ``group``, default the whole world) ``logits`` is this rank's
+    vocabulary shard (``dllm_kernels.distributed``); every rank passes the same ``x`` and ``eligible`` and
+    ends with the same ``x``, with no broadcast."""
     if recipe not in RECIPES:
         raise ValueError(f"dllm::decode_step: recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
     names, required = _recipe_options(RECIPES[recipe])

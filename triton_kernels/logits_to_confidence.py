@@ -8,6 +8,11 @@ columns (counter col // 4, word col % 4; tiles and chunks start on multiples of 
 row the program writes (token, score) itself; with several, each writes its partial state to a
 workspace and ``_merge_kernel`` merges the states of a row in chunk order. Chunking depends on metadata
 only (rows, V, SM count).
+
+A vocabulary shard (``logits_to_confidence_partial``) is scanned in shifted columns: global id minus
+``col_base`` (``vocab_start`` rounded down to a multiple of 4), its first ``lead`` columns reading as
+-inf, so every tile still starts on a whole Philox call; the row's state is stored (``_store_state``)
+instead of being finalized.
 """
 
 import torch
@@ -111,13 +116,29 @@ def _finalize(
     tl.store(score_ptr + row, tl.where(undefined, float("nan"), tl.where(empty, float("-inf"), value)))
 
 
-@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
+@triton.jit
+def _store_state(state_ptr, row, lmax, l2, z, s1, kmax, kl, lidx, kidx, col_base):
+    """store_state of csrc/common/logits_to_confidence.h: 8 doubles, lmax NaN when a NaN was read (z is NaN
+    then), indices global."""
+    out = state_ptr + row.to(tl.int64) * 8
+    tl.store(out, tl.where(z != z, float("nan"), lmax).to(tl.float64))
+    tl.store(out + 1, l2.to(tl.float64))
+    tl.store(out + 2, z.to(tl.float64))
+    tl.store(out + 3, s1.to(tl.float64))
+    tl.store(out + 4, kmax.to(tl.float64))
+    tl.store(out + 5, kl.to(tl.float64))
+    tl.store(out + 6, tl.where(lidx < 0, -1, lidx.to(tl.int64) + col_base).to(tl.float64))
+    tl.store(out + 7, tl.where(kidx < 0, -1, kidx.to(tl.int64) + col_base).to(tl.float64))
+
+
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi", "col_base", "lead"])
 def _scan_kernel(
     x_ptr,
     eligible_ptr,
     banned_ptr,
     token_ptr,
     score_ptr,
+    state_ptr,
     ws_f,
     ws_i,
     n_inner,
@@ -131,15 +152,18 @@ def _scan_kernel(
     seed,
     off_lo,
     off_hi,
+    col_base,
+    lead,
     SCORE: tl.constexpr,
     SAMPLE: tl.constexpr,
     SPLIT: tl.constexpr,
+    STATE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, V)
+    hi = tl.minimum(lo + chunk, V + lead)
     if eligible_ptr is not None:
         # An ineligible row reads nothing; its empty state finalizes to (-1, -inf).
         hi = tl.where(tl.load(eligible_ptr + row) != 0, hi, lo)
@@ -157,11 +181,13 @@ def _scan_kernel(
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
         # fp32 at once: every later step (and the interpreter's arithmetic) works in fp32.
-        x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + (cols - lead), mask=(cols >= lead) & (cols < hi), other=float("-inf")).to(
+            tl.float32
+        )
         if banned_ptr is not None:
             for k in range(n_banned):
-                ban = tl.load(banned_ptr + k)
-                ban = tl.where((ban >= 0) & (ban < V), ban, -1).to(tl.int32)  # 32-bit compare below
+                ban = tl.load(banned_ptr + k) - col_base
+                ban = tl.where((ban >= lead) & (ban < V + lead), ban, -1).to(tl.int32)  # 32-bit compare below
                 x = tl.where(cols == ban, float("-inf"), x)
         tile_max = tl.max(x, 0)
         if tile_max > lmax:  # the row's maximum moves into this tile (rare after the first tiles)
@@ -180,7 +206,7 @@ def _scan_kernel(
         if SCORE == "neg_entropy":
             s1 += e * tl.maximum(t, -1024.0)  # 2^-1024 is 0 in fp32; the clamp avoids 0 * -inf = NaN
         if SAMPLE:
-            u = _tile_uniforms(seed, start, row, off_lo, off_hi, BLOCK_V)
+            u = _tile_uniforms(seed, col_base + start, row, off_lo, off_hi, BLOCK_V)
             key = x + temperature * -tl.log(-tl.log(u))
             better = key > kmax  # strict: each lane keeps its first maximum
             kmax = tl.where(better, key, kmax)
@@ -190,7 +216,7 @@ def _scan_kernel(
     z = tl.sum(z, 0)
     s1 = tl.sum(s1, 0)
     key_max = tl.max(kmax, 0)
-    key_idx = tl.min(tl.where(kmax == key_max, kidx, V), 0)
+    key_idx = tl.min(tl.where(kmax == key_max, kidx, V + lead), 0)
     key_logit = tl.max(tl.where(kidx == key_idx, kl, float("-inf")), 0)
     if SPLIT:
         n = tl.num_programs(0) * tl.num_programs(1)
@@ -203,6 +229,8 @@ def _scan_kernel(
         tl.store(ws_f + 5 * n + item, key_logit)
         tl.store(ws_i + item, lidx)
         tl.store(ws_i + n + item, key_idx)
+    elif STATE:
+        _store_state(state_ptr, row, lmax, l2, z, s1, key_max, key_logit, lidx, key_idx, col_base)
     else:
         _finalize(
             token_ptr,
@@ -225,66 +253,83 @@ def _scan_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi", "col_base"])
 def _merge_kernel(
-    ws_f,
-    ws_i,
+    f_ptr,
+    i_ptr,
     token_ptr,
     score_ptr,
-    splits,
+    state_ptr,
+    parts,
+    row_stride,
+    part_stride,
+    field_stride,
     V,
     c,
     seed,
     off_lo,
     off_hi,
+    col_base,
     SCORE: tl.constexpr,
     SAMPLE: tl.constexpr,
+    STATE: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """merge_states over a row's chunks in order (ties keep the earlier chunk), then finalize."""
+    """merge_states over a row's parts in any order (equal maxima: the lowest index wins), then finalize or
+    (STATE) store the state. Part s of the row holds float field f at f_ptr + row * row_stride + s *
+    part_stride + f * field_stride and its two indices likewise from i_ptr: the chunk workspace, or the
+    states [parts, rows, 8] of vocabulary shards (a NaN lmax there marks a NaN read)."""
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
-    ok = s < splits
-    n = tl.num_programs(0) * splits
-    item = row * splits + s
-    lmax_s = tl.load(ws_f + item, mask=ok, other=float("-inf"))
-    l2_s = tl.load(ws_f + n + item, mask=ok, other=float("-inf"))
-    z_s = tl.load(ws_f + 2 * n + item, mask=ok, other=0.0)
-    s1_s = tl.load(ws_f + 3 * n + item, mask=ok, other=0.0)
-    kmax_s = tl.load(ws_f + 4 * n + item, mask=ok, other=float("-inf"))
-    kl_s = tl.load(ws_f + 5 * n + item, mask=ok, other=float("-inf"))
-    lidx_s = tl.load(ws_i + item, mask=ok, other=-1)
-    kidx_s = tl.load(ws_i + n + item, mask=ok, other=-1)
+    ok = s < parts
+    fp = f_ptr + row.to(tl.int64) * row_stride + s * part_stride
+    ip = i_ptr + row.to(tl.int64) * row_stride + s * part_stride
+    lmax_s = tl.load(fp, mask=ok, other=float("-inf")).to(tl.float32)
+    l2_s = tl.load(fp + field_stride, mask=ok, other=float("-inf")).to(tl.float32)
+    z_s = tl.load(fp + 2 * field_stride, mask=ok, other=0.0).to(tl.float32)
+    s1_s = tl.load(fp + 3 * field_stride, mask=ok, other=0.0).to(tl.float32)
+    kmax_s = tl.load(fp + 4 * field_stride, mask=ok, other=float("-inf")).to(tl.float32)
+    kl_s = tl.load(fp + 5 * field_stride, mask=ok, other=float("-inf")).to(tl.float32)
+    lidx_s = tl.load(ip, mask=ok, other=-1).to(tl.int64)
+    kidx_s = tl.load(ip + field_stride, mask=ok, other=-1).to(tl.int64)
+    nan = tl.max((lmax_s != lmax_s).to(tl.int32), 0) != 0
+    lmax_s = tl.where(lmax_s != lmax_s, float("-inf"), lmax_s)
 
     lmax = tl.max(lmax_s, 0)
-    at = tl.min(tl.where(lmax_s == lmax, s, BLOCK_S), 0)
-    lidx = tl.max(tl.where(s == at, lidx_s, -1), 0)
-    # Runner-up of the union: every chunk's runner-up and every chunk maximum but the winning one.
+    lidx = tl.min(tl.where((lmax_s == lmax) & (lidx_s >= 0), lidx_s, V), 0)
+    at = tl.min(tl.where((lmax_s == lmax) & (lidx_s == lidx), s, BLOCK_S), 0)
+    lidx = tl.where(lidx == V, -1, lidx)
+    # Runner-up of the union: every part's runner-up and every part maximum but the winning one.
     l2 = tl.maximum(tl.max(l2_s, 0), tl.max(tl.where(s == at, float("-inf"), lmax_s), 0))
     z_s, s1_s = _rescale(z_s, s1_s, (lmax_s - lmax) * c)
     key_max = tl.max(kmax_s, 0)
-    key_at = tl.min(tl.where(kmax_s == key_max, s, BLOCK_S), 0)
-    kidx = tl.max(tl.where(s == key_at, kidx_s, -1), 0)
-    kl = tl.max(tl.where(s == key_at, kl_s, float("-inf")), 0)
-    _finalize(
-        token_ptr,
-        score_ptr,
-        row,
-        lmax,
-        l2,
-        tl.sum(z_s, 0),
-        tl.sum(s1_s, 0),
-        kl,
-        lidx,
-        kidx,
-        c,
-        seed,
-        off_lo,
-        off_hi,
-        V,
-        SCORE,
-        SAMPLE,
-    )
+    kidx = tl.min(tl.where((kmax_s == key_max) & (kidx_s >= 0), kidx_s, V), 0)
+    kl = tl.max(tl.where((kmax_s == key_max) & (kidx_s == kidx), kl_s, float("-inf")), 0)
+    kidx = tl.where(kidx == V, -1, kidx)
+    z = tl.where(nan, float("nan"), tl.sum(z_s, 0))
+    s1 = tl.sum(s1_s, 0)
+    if STATE:
+        _store_state(state_ptr, row, lmax, l2, z, s1, key_max, kl, lidx, kidx, col_base)
+    else:
+        _finalize(
+            token_ptr,
+            score_ptr,
+            row,
+            lmax,
+            l2,
+            z,
+            s1,
+            kl,
+            lidx,
+            kidx,
+            c,
+            seed,
+            off_lo,
+            off_hi,
+            V,
+            SCORE,
+            SAMPLE,
+        )
 
 
 def _plan(n_rows: int, vocab: int, max_block: int, device: torch.device, num_splits: int | None):
@@ -306,26 +351,50 @@ def _int32(value: int) -> int:
     return (value + 2**31) % 2**32 - 2**31
 
 
-def logits_to_confidence(
-    rows, eligible, banned, temperature, score, tempered_score, seed, offset, *, num_splits=None
-):
-    """Triton provider of ``dllm::logits_to_confidence`` on an ``[O, I, V]`` rows view (any strides on
-    O and I, unit stride on V); ``num_splits`` forces the number of vocabulary chunks per row."""
-    n_outer, n_inner, vocab = rows.shape
-    n_rows = n_outer * n_inner
-    token = torch.empty((n_outer, n_inner), dtype=torch.int64, device=rows.device)
-    value = torch.empty((n_outer, n_inner), dtype=torch.float32, device=rows.device)
-    if n_rows == 0:
-        return token, value
-
+def _launch_constants(temperature, score, tempered_score, seed, offset):
+    """(sample, c, seed, off_lo, off_hi) as the kernels take them: c = log2(e) times the softmax's scale,
+    the seed as its int64 two's complement pattern, the offset as two int32 words."""
     sample = temperature > 0
     c = _LOG2E / temperature if sample and tempered_score and score != "logit_margin" else _LOG2E
-    seed = (seed + 2**63) % 2**64 - 2**63  # the int64 two's complement pattern
-    off_lo, off_hi = _int32(offset), _int32(offset >> 32)
+    return sample, c, (seed + 2**63) % 2**64 - 2**63, _int32(offset), _int32(offset >> 32)
+
+
+def logits_to_confidence(
+    rows,
+    eligible,
+    banned,
+    temperature,
+    score,
+    tempered_score,
+    seed,
+    offset,
+    *,
+    vocab_start=None,
+    num_splits=None,
+):
+    """Triton provider of ``dllm::logits_to_confidence`` on an ``[O, I, V]`` rows view (any strides on
+    O and I, unit stride on V): ``(token, score)``, each ``[O, I]``. With ``vocab_start`` (the global id of
+    the first column) the rows are a vocabulary shard and the result is their states ``[O, I, 8]`` float64
+    (``dllm::logits_to_confidence_partial``). ``num_splits`` forces the number of vocabulary chunks."""
+    n_outer, n_inner, vocab = rows.shape
+    n_rows = n_outer * n_inner
+    state = vocab_start is not None
+    col_base = 0 if vocab_start is None else vocab_start // 4 * 4
+    lead = 0 if vocab_start is None else vocab_start - col_base
+    token = value = states = None
+    if state:
+        states = torch.empty((n_outer, n_inner, 8), dtype=torch.float64, device=rows.device)
+    else:
+        token = torch.empty((n_outer, n_inner), dtype=torch.int64, device=rows.device)
+        value = torch.empty((n_outer, n_inner), dtype=torch.float32, device=rows.device)
+    if n_rows == 0:
+        return states if state else (token, value)
+
+    sample, c, seed, off_lo, off_hi = _launch_constants(temperature, score, tempered_score, seed, offset)
     if eligible is not None:
         eligible = eligible.contiguous().view(torch.uint8)
     max_block = _MAX_BLOCK_V_SAMPLE if sample else _MAX_BLOCK_V
-    splits, chunk, block_v = _plan(n_rows, vocab, max_block, rows.device, num_splits)
+    splits, chunk, block_v = _plan(n_rows, vocab + lead, max_block, rows.device, num_splits)
     ws_f = ws_i = None
     if splits > 1:
         ws_f = torch.empty((6, n_rows * splits), dtype=torch.float32, device=rows.device)
@@ -337,6 +406,7 @@ def logits_to_confidence(
         banned,
         token,
         value,
+        states,
         ws_f,
         ws_i,
         n_inner,
@@ -350,9 +420,12 @@ def logits_to_confidence(
         seed,
         off_lo,
         off_hi,
+        col_base,
+        lead,
         SCORE=score,
         SAMPLE=sample,
         SPLIT=splits > 1,
+        STATE=state,
         BLOCK_V=block_v,
         num_warps=max(1, min(8, block_v // 256)),
     )
@@ -362,15 +435,55 @@ def logits_to_confidence(
             ws_i,
             token,
             value,
+            states,
             splits,
-            vocab,
+            splits,
+            1,
+            n_rows * splits,
+            vocab + lead,
             c,
             seed,
             off_lo,
             off_hi,
+            col_base,
             SCORE=score,
             SAMPLE=sample,
+            STATE=state,
             BLOCK_S=triton.next_power_of_2(splits),
             num_warps=1,
         )
+    return states if state else (token, value)
+
+
+def merge(states, vocab_size, temperature, score, tempered_score, seed, offset):
+    """Triton provider of ``dllm::logits_to_confidence_merge`` on contiguous ``states[P, R, 8]``:
+    ``(token, score)``, each ``[R]``."""
+    parts, n_rows, _ = states.shape
+    token = torch.empty(n_rows, dtype=torch.int64, device=states.device)
+    value = torch.empty(n_rows, dtype=torch.float32, device=states.device)
+    if n_rows == 0:
+        return token, value
+    sample, c, seed, off_lo, off_hi = _launch_constants(temperature, score, tempered_score, seed, offset)
+    _merge_kernel[(n_rows,)](
+        states,
+        states[..., 6:],
+        token,
+        value,
+        None,
+        parts,
+        8,
+        n_rows * 8,
+        1,
+        vocab_size,
+        c,
+        seed,
+        off_lo,
+        off_hi,
+        0,
+        SCORE=score,
+        SAMPLE=sample,
+        STATE=False,
+        BLOCK_S=triton.next_power_of_2(parts),
+        num_warps=1,
+    )
     return token, value

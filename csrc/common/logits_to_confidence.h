@@ -7,8 +7,10 @@
 // the sum of 2^t * t (entropy), and for sampling the largest Gumbel key l + T * g (the order of
 // l / T + g, without overflow at small T) with its first index and logit. t is computed from the
 // difference l - lmax, exactly 0 at the maximum, so z >= 1 and every score stays in its range.
-// States of consecutive vocabulary chunks merge exactly (up to fp32 rounding), so a row may be split
-// across threads or CTAs.
+// States of vocabulary chunks merge exactly (up to fp32 rounding), so a row may be split across threads,
+// CTAs or tensor-parallel ranks: with vocab_start, a shard's kernel uses global ids (tokens, banned ids,
+// Philox counters) and can write the row's state (store_state) instead of finalizing it; the merge
+// entry points combine the states of every shard and finalize.
 #pragma once
 
 #include <cmath>
@@ -38,15 +40,21 @@ typedef struct {
   int64_t n_outer, n_inner, vocab;
   int64_t stride_outer, stride_inner;
   const bool* eligible;   // [n_outer * n_inner] or NULL (every row)
-  const int64_t* banned;  // [n_banned] ids; ids outside [0, vocab) are ignored
+  const int64_t* banned;  // [n_banned] global ids; ids outside [vocab_start, vocab_start + vocab) are ignored
   int64_t n_banned;
+  int64_t vocab_start;  // global id of column 0: a vocabulary shard's offset (0 for whole rows)
   float temperature;  // 0: argmax; in [1e-30, 1e30] (checked by the op): Gumbel-max sample
   int score_kind;     // DllmScoreKind
   int tempered_score;
   uint64_t seed, offset;
   int64_t* token;  // [n_outer * n_inner] outputs, contiguous
   float* score;
+  double* state;  // non-NULL: each row's state (DLLM_STATE_FIELDS doubles, store_state) instead of token/score
 } DllmConfidenceParams;
+
+// A row's state as doubles: lmax (NaN once a NaN was read), l2, z, s1, kmax, kl, lidx, kidx (global ids;
+// -1 if none). Doubles hold every fp32 value and every index exactly.
+#define DLLM_STATE_FIELDS 8
 
 // CPU kernel (csrc/cpu): OpenMP with num_threads threads.
 void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params, int num_threads);
@@ -55,6 +63,13 @@ void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params, int num_t
 // dllm_logits_to_confidence_cuda_workspace(params) bytes) holds split-vocabulary partial states.
 size_t dllm_logits_to_confidence_cuda_workspace(const DllmConfidenceParams* params);
 int dllm_logits_to_confidence_cuda(const DllmConfidenceParams* params, void* workspace, cudaStream_t stream);
+
+// Merge of the states of n_parts vocabulary shards, in any order (states [n_parts][rows][DLLM_STATE_FIELDS],
+// rows = n_outer * n_inner), finalized into token / score; params->vocab is the whole vocabulary's size
+// (the "random" score's column), logits / eligible / banned / state are not read.
+void dllm_logits_to_confidence_merge_cpu(const DllmConfidenceParams* params, const double* states, int64_t n_parts);
+int dllm_logits_to_confidence_merge_cuda(const DllmConfidenceParams* params, const double* states, int64_t n_parts,
+                                         cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"
@@ -137,6 +152,44 @@ DLLM_HD DLLM_INLINE void merge_states(ConfState& a, const ConfState& b, const Co
     a.kl = b.kl;
   }
   a.nan |= b.nan;
+}
+
+// merge_states for states in any order (interleaved threads, shards): on equal maxima the lower index
+// wins, so the result does not depend on the order.
+DLLM_HD DLLM_INLINE void merge_states_any_order(ConfState& a, const ConfState& b, const ConfConsts& k) {
+  const bool lower_l = b.lmax == a.lmax && b.lidx < a.lidx;
+  const bool lower_k = b.kmax == a.kmax && b.kidx < a.kidx;
+  merge_states(a, b, k);
+  if (lower_l) a.lidx = b.lidx;
+  if (lower_k) {
+    a.kidx = b.kidx;
+    a.kl = b.kl;
+  }
+}
+
+// The state's DLLM_STATE_FIELDS doubles; index_base turns the state's column indices into global ids.
+DLLM_HD DLLM_INLINE void store_state(const ConfState& s, int64_t index_base, double* out) {
+  out[0] = s.nan ? NAN : s.lmax;
+  out[1] = s.l2;
+  out[2] = s.z;
+  out[3] = s.s1;
+  out[4] = s.kmax;
+  out[5] = s.kl;
+  out[6] = static_cast<double>(s.lidx < 0 ? -1 : s.lidx + index_base);
+  out[7] = static_cast<double>(s.kidx < 0 ? -1 : s.kidx + index_base);
+}
+
+DLLM_HD DLLM_INLINE ConfState load_state(const double* in) {
+  const bool nan = in[0] != in[0];
+  return ConfState{nan ? -INFINITY : static_cast<float>(in[0]),
+                   static_cast<float>(in[1]),
+                   static_cast<float>(in[2]),
+                   static_cast<float>(in[3]),
+                   static_cast<float>(in[4]),
+                   static_cast<float>(in[5]),
+                   static_cast<int64_t>(in[6]),
+                   static_cast<int64_t>(in[7]),
+                   nan ? 1 : 0};
 }
 
 // The (token, score) of a row from its whole-row state. Scores are clamped to their ranges (prob and

@@ -9,6 +9,10 @@
 // Sampling walks the block in units of 64 columns (chunks start on whole units): one Philox call on 16
 // counters gives the words of 64 consecutive columns (4 a counter), transposed into column order. A
 // unit whose largest logit l has l + T * kGumbelBound <= the best key so far cannot win and draws no noise.
+//
+// A vocabulary shard (vocab_start > 0) is walked in "virtual" columns: global id minus base, where base is
+// vocab_start rounded down to a whole unit; the lead columns before the shard read as -inf. Units then fall
+// on the same Philox calls as in the whole row, and indices turn global by adding base.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -122,14 +126,16 @@ static_assert(kBlock % kUnit == 0, "blocks hold whole sampling units");
 
 struct RowContext {
   const ConfConsts& k;
-  const int64_t* banned;  // sorted, in [0, vocab)
+  const int64_t* banned;  // sorted virtual columns, in [lead, lead + vocab)
   int64_t n_banned;
+  int64_t lead;     // virtual column of the row's first logit
+  uint32_t base_counter;  // Philox counter of virtual column 0 (base / 4)
   uint64_t seed, offset;
   bool avx512;  // AVX-512 paths allowed (cpu_has_avx512: then the AVX-512 clone is the one running)
 };
 
-// Converts logits[begin, begin + n) to fp32 in buf (padded with -inf to whole vectors, banned ids
-// set to -inf) and returns the block maximum; a NaN seen sets nan.
+// Converts virtual columns [begin, begin + n) (logit v - lead) to fp32 in buf (lead columns and the
+// padding to whole vectors -inf, banned ids -inf) and returns the block maximum; a NaN seen sets nan.
 template <class T>
 DLLM_SIMD_INLINE float load_block(const T* row, int64_t begin, int64_t n, const RowContext& ctx, float* buf,
                                   int& nan) {
@@ -138,10 +144,11 @@ DLLM_SIMD_INLINE float load_block(const T* row, int64_t begin, int64_t n, const 
   vfloat vmax = simd::splat(-INFINITY);
   vint vnan = vint{};
   for (int64_t j = 0; j < n; j += kLanes) {
-    if (j + kLanes <= n) {
-      simd::store(buf + j, simd::load(row + begin + j));
+    if (j + kLanes <= n && begin + j >= ctx.lead) {
+      simd::store(buf + j, simd::load(row + (begin + j - ctx.lead)));
     } else {
-      for (int64_t i = j; i < j + kLanes; ++i) buf[i] = i < n ? simd::to_float(row[begin + i]) : -INFINITY;
+      for (int64_t i = j; i < j + kLanes; ++i)
+        buf[i] = i < n && begin + i >= ctx.lead ? simd::to_float(row[begin + i - ctx.lead]) : -INFINITY;
     }
     for (; ban < ban_end && *ban < begin + j + kLanes; ++ban) buf[*ban - begin] = -INFINITY;
     const vfloat x = simd::load(buf + j);
@@ -231,7 +238,7 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
       continue;
     }
     const bool race = race_filter_holds(best, st.lmax, temperature);
-    const vuint counters = lane + static_cast<uint32_t>((begin + j) / 4);
+    const vuint counters = lane + (ctx.base_counter + static_cast<uint32_t>((begin + j) / 4));
     const uint32_t offset_lo = static_cast<uint32_t>(ctx.offset), offset_hi = static_cast<uint32_t>(ctx.offset >> 32);
     vuint w[4] = {counters, vuint{} + row_id, vuint{} + offset_lo, vuint{} + offset_hi};
     if constexpr (kAvx512) {
@@ -272,7 +279,7 @@ __attribute__((target("arch=x86-64-v4"))) inline void key_sets(const int32_t* id
   vuint counters[n_sets];
   for (int h = 0; h < n_sets; ++h) {
     at[h] = reinterpret_cast<vint>(_mm512_loadu_si512(idx + h * kLanes));
-    counters[h] = reinterpret_cast<vuint>(at[h] >> 2) + static_cast<uint32_t>(begin / 4);
+    counters[h] = reinterpret_cast<vuint>(at[h] >> 2) + (ctx.base_counter + static_cast<uint32_t>(begin / 4));
   }
   vuint w[n_sets][4];
   philox4_avx512<n_sets>(counters, row_id, static_cast<uint32_t>(ctx.offset), static_cast<uint32_t>(ctx.offset >> 32),
@@ -400,18 +407,35 @@ size_t element_size(int dtype) { return dtype == DLLM_FLOAT32 ? 4 : 2; }
 }  // namespace
 }  // namespace dllm
 
+namespace dllm {
+namespace {
+
+// A row's result: its (token, score), or its state for a later merge.
+void write_row(const DllmConfidenceParams& p, const ConfConsts& k, int64_t r, const ConfState& st, int64_t base) {
+  if (p.state != nullptr) {
+    store_state(st, base, p.state + r * DLLM_STATE_FIELDS);
+  } else {
+    finalize_state(st, p, k, static_cast<uint32_t>(r), &p.token[r], &p.score[r]);
+  }
+}
+
+}  // namespace
+}  // namespace dllm
+
 extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params, int num_threads) {
   using namespace dllm;
   const DllmConfidenceParams& p = *params;
   const int64_t n_rows = p.n_outer * p.n_inner;
   const ConfConsts k = make_consts(p);
+  const int64_t lead = p.vocab_start % kUnit, base = p.vocab_start - lead;  // finalize_state needs base 0
+  const int64_t span = lead + p.vocab;  // virtual columns of a row
 
   std::vector<int64_t> banned;
   for (int64_t i = 0; i < p.n_banned; ++i)
-    if (p.banned[i] >= 0 && p.banned[i] < p.vocab) banned.push_back(p.banned[i]);
+    if (p.banned[i] >= p.vocab_start && p.banned[i] - p.vocab_start < p.vocab) banned.push_back(p.banned[i] - base);
   std::sort(banned.begin(), banned.end());
-  const RowContext ctx{k, banned.data(), static_cast<int64_t>(banned.size()), p.seed, p.offset,
-                       cpu_has_avx512()};
+  const RowContext ctx{k,        banned.data(), static_cast<int64_t>(banned.size()), lead, static_cast<uint32_t>(base / 4),
+                       p.seed, p.offset,      cpu_has_avx512()};
 
   std::vector<int64_t> rows;
   rows.reserve(n_rows);
@@ -419,8 +443,7 @@ extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params
     if (p.eligible == nullptr || p.eligible[r]) {
       rows.push_back(r);
     } else {
-      p.token[r] = -1;
-      p.score[r] = -INFINITY;
+      write_row(p, k, r, empty_state(), base);
     }
   }
   const int64_t n_eligible = static_cast<int64_t>(rows.size());
@@ -430,30 +453,42 @@ extern "C" void dllm_logits_to_confidence_cpu(const DllmConfidenceParams* params
   // sampling units (a chunk then starts on a Philox counter boundary).
   int64_t splits = 1;
   if (n_eligible < num_threads) {
-    splits = std::min<int64_t>((num_threads + n_eligible - 1) / n_eligible,
-                               std::max<int64_t>(1, p.vocab / kMinChunk));
+    splits = std::min<int64_t>((num_threads + n_eligible - 1) / n_eligible, std::max<int64_t>(1, span / kMinChunk));
   }
-  const int64_t chunk = ((p.vocab + splits - 1) / splits + kUnit - 1) / kUnit * kUnit;
-  splits = (p.vocab + chunk - 1) / chunk;
+  const int64_t chunk = ((span + splits - 1) / splits + kUnit - 1) / kUnit * kUnit;
+  splits = (span + chunk - 1) / chunk;
   const int64_t n_items = n_eligible * splits;
   std::vector<ConfState> states(n_items, empty_state());
-  const char* base = static_cast<const char*>(p.logits);
+  const char* data = static_cast<const char*>(p.logits);
   const size_t esize = element_size(p.dtype);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (n_items > 1 && n_eligible * p.vocab >= kMinParallel)
   for (int64_t item = 0; item < n_items; ++item) {
     const int64_t r = rows[item / splits];
     const int64_t begin = (item % splits) * chunk;
-    const int64_t end = std::min(p.vocab, begin + chunk);
+    const int64_t end = std::min(span, begin + chunk);
     const int64_t o = r / p.n_inner, i = r % p.n_inner;
-    const void* row = base + (o * p.stride_outer + i * p.stride_inner) * static_cast<int64_t>(esize);
+    const void* row = data + (o * p.stride_outer + i * p.stride_inner) * static_cast<int64_t>(esize);
     scan_chunk(p, row, begin, end, static_cast<uint32_t>(r), ctx, states[item]);
   }
 
   for (int64_t e = 0; e < n_eligible; ++e) {
     ConfState st = states[e * splits];
     for (int64_t s = 1; s < splits; ++s) merge_states(st, states[e * splits + s], k);
-    const int64_t r = rows[e];
+    write_row(p, k, rows[e], st, base);
+  }
+}
+
+extern "C" void dllm_logits_to_confidence_merge_cpu(const DllmConfidenceParams* params, const double* states,
+                                                    int64_t n_parts) {
+  using namespace dllm;
+  const DllmConfidenceParams& p = *params;
+  const int64_t n_rows = p.n_outer * p.n_inner;
+  const ConfConsts k = make_consts(p);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    ConfState st = empty_state();
+    for (int64_t part = 0; part < n_parts; ++part)
+      merge_states_any_order(st, load_state(states + (part * n_rows + r) * DLLM_STATE_FIELDS), k);
     finalize_state(st, p, k, static_cast<uint32_t>(r), &p.token[r], &p.score[r]);
   }
 }

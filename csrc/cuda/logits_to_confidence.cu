@@ -8,7 +8,9 @@
 // tie-break on the index (threads interleave), so the first index of a maximum wins, as on the CPU.
 // Few rows split the vocabulary into several chunks: the scan kernel then writes one state per chunk
 // into the workspace (ConfState[rows][splits], row-major) and merge_kernel combines them per row; with
-// one chunk the scan kernel finalizes and no workspace is needed.
+// one chunk the scan kernel finalizes and no workspace is needed. A vocabulary shard (vocab_start) works in
+// global ids: its indices, banned ids and Philox counters are offset by vocab_start; with params.state the
+// row's merged state is stored instead of being finalized.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -59,6 +61,26 @@ struct BF16 : DtypeBase<uint16_t, 0xFF80u> {
   static __device__ __forceinline__ float to_float(uint32_t b) { return __uint_as_float(b << 16); }
 };
 
+// A row's result: its (token, score), or its state (indices already global) for a merge across shards.
+__device__ __forceinline__ void write_row(const DllmConfidenceParams& p, const ConfConsts& k, int64_t r,
+                                          const ConfState& st, bool to_state) {
+  if (to_state) {
+    store_state(st, 0, p.state + r * DLLM_STATE_FIELDS);
+  } else {
+    finalize_state(st, p, k, static_cast<uint32_t>(r), p.token + r, p.score + r);
+  }
+}
+
+// An ineligible row (never read): the empty state, or what it finalizes to.
+__device__ __forceinline__ void write_ineligible_row(const DllmConfidenceParams& p, int64_t r, bool to_state) {
+  if (to_state) {
+    store_state(empty_state(), 0, p.state + r * DLLM_STATE_FIELDS);
+  } else {
+    p.token[r] = -1;
+    p.score[r] = -INFINITY;
+  }
+}
+
 // Launch geometry, derived from metadata only (make_plan), shared by the workspace query and launch.
 struct Plan {
   int64_t rows;
@@ -72,19 +94,6 @@ struct RowCtx {
   uint64_t seed;
   uint32_t row, offset_lo, offset_hi;
 };
-
-// merge_states assumes b's indices all follow a's. Threads and warp lanes interleave, so on equal
-// maxima take the lower index explicitly; the result is then independent of the merge order.
-__device__ __forceinline__ void merge_interleaved(ConfState& a, const ConfState& b, const ConfConsts& k) {
-  const bool lower_l = b.lmax == a.lmax && b.lidx < a.lidx;
-  const bool lower_k = b.kmax == a.kmax && b.kidx < a.kidx;
-  merge_states(a, b, k);
-  if (lower_l) a.lidx = b.lidx;
-  if (lower_k) {
-    a.kidx = b.kidx;
-    a.kl = b.kl;
-  }
-}
 
 // Without sampling the key fields stay empty in every state, so they need no shuffle.
 template <bool kSample>
@@ -108,7 +117,7 @@ __device__ __forceinline__ ConfState shfl_down(const ConfState& s, int delta) {
 template <bool kSample>
 __device__ __forceinline__ void warp_reduce(ConfState& st, const ConfConsts& k) {
 #pragma unroll
-  for (int delta = 1; delta < 32; delta *= 2) merge_interleaved(st, shfl_down<kSample>(st, delta), k);
+  for (int delta = 1; delta < 32; delta *= 2) merge_states_any_order(st, shfl_down<kSample>(st, delta), k);
 }
 
 // 2^t; flushing results below 2^-126 to 0 changes z and s1 by less than fp32 can hold.
@@ -268,10 +277,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     __syncthreads();  // the previous item is done with ban and warp_states
     const int64_t r = item / plan.splits, split = item % plan.splits;
     if (p.eligible != nullptr && !p.eligible[r]) {
-      if (plan.splits == 1 && threadIdx.x == 0) {
-        p.token[r] = -1;
-        p.score[r] = -INFINITY;
-      }
+      if (plan.splits == 1 && threadIdx.x == 0) write_ineligible_row(p, r, p.state != nullptr);
       continue;
     }
     const int64_t o = r / p.n_inner;
@@ -290,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       for (int w = threadIdx.x; w < plan.ban_words; w += kThreads) ban[w] = 0;
       __syncthreads();
       for (int64_t b = threadIdx.x; b < p.n_banned; b += kThreads) {
-        const int64_t id = p.banned[b], bit = id - v_begin;
+        const int64_t id = p.banned[b] - p.vocab_start, bit = id - v_begin;
         if (id >= 0 && id < p.vocab && bit >= 0 && bit < plan.gpc * W) atomicOr(&ban[bit >> 5], 1u << (bit & 31));
       }
       __syncthreads();
@@ -310,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
         if (qu < chunk.n_groups) {
           // W divides 32, so a group's W bits lie in one bitmap word.
           const uint32_t banned = p.n_banned > 0 ? ban[qu * W / 32] >> (qu * W % 32) & Tr::kGroupMask : 0u;
-          process_group<Tr, kSample>(raw[u], v_begin + qu * W, banned, ctx, st);
+          process_group<Tr, kSample>(raw[u], p.vocab_start + v_begin + qu * W, banned, ctx, st);
         }
       }
     }
@@ -323,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       warp_reduce<kSample>(st, k);
       if (lane == 0) {
         if (plan.splits == 1) {
-          finalize_state(st, p, k, static_cast<uint32_t>(r), p.token + r, p.score + r);
+          write_row(p, k, r, st, p.state != nullptr);
         } else {
           partial[item] = st;
         }
@@ -332,7 +338,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   }
 }
 
-// One warp per row: merges the row's chunk states (workspace [rows, splits]) and finalizes.
+// One warp per row: merges the row's chunk states (workspace [rows, splits]) and finalizes, or stores the
+// merged state (kState: one branch per instantiation keeps the warp shuffles inlined).
+template <bool kState>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const DllmConfidenceParams p, const Plan plan, const ConfState* __restrict__ partial) {
   const ConfConsts k = make_consts(p);
@@ -340,16 +348,27 @@ __global__ void __launch_bounds__(kMergeThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kMergeRows;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kMergeRows + threadIdx.x / 32; r < plan.rows; r += stride) {
     if (p.eligible != nullptr && !p.eligible[r]) {  // its chunks were never scanned
-      if (lane == 0) {
-        p.token[r] = -1;
-        p.score[r] = -INFINITY;
-      }
+      if (lane == 0) write_ineligible_row(p, r, kState);
       continue;
     }
     ConfState st = empty_state();
-    for (int64_t s = lane; s < plan.splits; s += 32) merge_interleaved(st, partial[r * plan.splits + s], k);
+    for (int64_t s = lane; s < plan.splits; s += 32) merge_states_any_order(st, partial[r * plan.splits + s], k);
     warp_reduce<true>(st, k);
-    if (lane == 0) finalize_state(st, p, k, static_cast<uint32_t>(r), p.token + r, p.score + r);
+    if (lane == 0) write_row(p, k, r, st, kState);
+  }
+}
+
+// One thread per row: the states of every shard ([n_parts][rows][DLLM_STATE_FIELDS]), merged and finalized.
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_shards_kernel(const DllmConfidenceParams p, const double* __restrict__ states, int64_t n_parts) {
+  const ConfConsts k = make_consts(p);
+  const int64_t rows = p.n_outer * p.n_inner;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kMergeThreads + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kMergeThreads) {
+    ConfState st = empty_state();
+    for (int64_t part = 0; part < n_parts; ++part)
+      merge_states_any_order(st, load_state(states + (part * rows + r) * DLLM_STATE_FIELDS), k);
+    finalize_state(st, p, k, static_cast<uint32_t>(r), p.token + r, p.score + r);
   }
 }
 
@@ -423,6 +442,20 @@ extern "C" int dllm_logits_to_confidence_cuda(const DllmConfidenceParams* params
       return cudaErrorInvalidValue;
   }
   if (err != cudaSuccess || plan.splits == 1) return err;
-  merge_kernel<<<grid_size(ceil_div(plan.rows, kMergeRows)), kMergeThreads, 0, stream>>>(p, plan, partial);
+  const int grid = grid_size(ceil_div(plan.rows, kMergeRows));
+  if (p.state != nullptr) {
+    merge_kernel<true><<<grid, kMergeThreads, 0, stream>>>(p, plan, partial);
+  } else {
+    merge_kernel<false><<<grid, kMergeThreads, 0, stream>>>(p, plan, partial);
+  }
+  return cudaGetLastError();
+}
+
+extern "C" int dllm_logits_to_confidence_merge_cuda(const DllmConfidenceParams* params, const double* states,
+                                                    int64_t n_parts, cudaStream_t stream) {
+  using namespace dllm;
+  const int64_t rows = params->n_outer * params->n_inner;
+  if (rows == 0) return cudaSuccess;
+  merge_shards_kernel<<<grid_size(ceil_div(rows, kMergeThreads)), kMergeThreads, 0, stream>>>(*params, states, n_parts);
   return cudaGetLastError();
 }

@@ -62,15 +62,23 @@ struct Rows {
   }
 };
 
-// The kernel on logits' device (arguments checked: by Python, or by accepts below). The outputs are
-// logits.shape[:-1], contiguous: the kernels write row r at r.
-std::tuple<Tensor, Tensor> run(const Tensor& logits, const std::optional<Tensor>& eligible_in,
-                               const std::optional<Tensor>& banned_in, double temperature, int64_t score_kind,
-                               bool tempered_score, int64_t seed, int64_t offset) {
+// The kernel on logits' device (arguments checked: by Python, or by accepts below): token and score, or
+// (with_state) the rows' states for a merge. Outputs are logits.shape[:-1] (then [8] for states),
+// contiguous: the kernels write row r at r.
+std::vector<Tensor> launch(const Tensor& logits, const std::optional<Tensor>& eligible_in,
+                           const std::optional<Tensor>& banned_in, double temperature, int64_t score_kind,
+                           bool tempered_score, int64_t seed, int64_t offset, int64_t vocab_start, bool with_state) {
   const Rows rows(logits);
   const auto shape = logits.sizes().slice(0, logits.dim() - 1);
-  const Tensor token = at::empty(shape, logits.options().dtype(at::kLong));
-  const Tensor score = at::empty(shape, logits.options().dtype(at::kFloat));
+  std::vector<Tensor> out;
+  if (with_state) {
+    std::vector<int64_t> state_shape(shape.begin(), shape.end());
+    state_shape.push_back(DLLM_STATE_FIELDS);
+    out.push_back(at::empty(state_shape, logits.options().dtype(at::kDouble)));
+  } else {
+    out.push_back(at::empty(shape, logits.options().dtype(at::kLong)));
+    out.push_back(at::empty(shape, logits.options().dtype(at::kFloat)));
+  }
   const Tensor eligible = eligible_in ? eligible_in->contiguous() : Tensor();
   const Tensor banned = banned_in ? banned_in->contiguous() : Tensor();
   const DllmConfidenceParams params{
@@ -84,15 +92,17 @@ std::tuple<Tensor, Tensor> run(const Tensor& logits, const std::optional<Tensor>
       eligible.defined() ? eligible.data_ptr<bool>() : nullptr,
       banned.defined() ? banned.data_ptr<int64_t>() : nullptr,
       banned.defined() ? banned.numel() : 0,
+      vocab_start,
       static_cast<float>(temperature),
       static_cast<int>(score_kind),
       tempered_score ? 1 : 0,
       static_cast<uint64_t>(seed),
       static_cast<uint64_t>(offset),
-      token.data_ptr<int64_t>(),
-      score.data_ptr<float>(),
+      with_state ? nullptr : out[0].data_ptr<int64_t>(),
+      with_state ? nullptr : out[1].data_ptr<float>(),
+      with_state ? out[0].data_ptr<double>() : nullptr,
   };
-  if (token.numel() == 0) return {token, score};
+  if (out[0].numel() == 0) return out;
   if (logits.is_cpu()) {
     dllm_logits_to_confidence_cpu(&params, at::get_num_threads());
 #ifdef DLLM_WITH_CUDA
@@ -107,6 +117,55 @@ std::tuple<Tensor, Tensor> run(const Tensor& logits, const std::optional<Tensor>
 #endif
   } else {
     TORCH_CHECK(false, "dllm::logits_to_confidence: internal: no compiled kernel for ", logits.device());
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> run(const Tensor& logits, const std::optional<Tensor>& eligible,
+                               const std::optional<Tensor>& banned, double temperature, int64_t score_kind,
+                               bool tempered_score, int64_t seed, int64_t offset) {
+  auto out = launch(logits, eligible, banned, temperature, score_kind, tempered_score, seed, offset, 0, false);
+  return {out[0], out[1]};
+}
+
+// logits_to_confidence_partial: the rows' states of a vocabulary shard starting at global id vocab_start.
+Tensor partial_run(const Tensor& logits, const std::optional<Tensor>& eligible, int64_t vocab_start,
+                   double temperature, int64_t score_kind, bool tempered_score, const std::optional<Tensor>& banned,
+                   int64_t seed, int64_t offset) {
+  return launch(logits, eligible, banned, temperature, score_kind, tempered_score, seed, offset, vocab_start, true)[0];
+}
+
+// logits_to_confidence_merge: states [parts, ..., 8] (checked by Python) -> token, score [...].
+std::tuple<Tensor, Tensor> merge_run(const Tensor& states_in, int64_t vocab_size, double temperature,
+                                     int64_t score_kind, bool tempered_score, int64_t seed, int64_t offset) {
+  const Tensor states = states_in.contiguous();
+  const auto shape = states.sizes().slice(1, states.dim() - 2);
+  const Tensor token = at::empty(shape, states.options().dtype(at::kLong));
+  const Tensor score = at::empty(shape, states.options().dtype(at::kFloat));
+  DllmConfidenceParams params{};
+  params.n_outer = 1;
+  params.n_inner = token.numel();
+  params.vocab = vocab_size;
+  params.temperature = static_cast<float>(temperature);
+  params.score_kind = static_cast<int>(score_kind);
+  params.tempered_score = tempered_score ? 1 : 0;
+  params.seed = static_cast<uint64_t>(seed);
+  params.offset = static_cast<uint64_t>(offset);
+  params.token = token.data_ptr<int64_t>();
+  params.score = score.data_ptr<float>();
+  if (token.numel() == 0) return {token, score};
+  if (states.is_cpu()) {
+    dllm_logits_to_confidence_merge_cpu(&params, states.data_ptr<double>(), states.size(0));
+#ifdef DLLM_WITH_CUDA
+  } else if (states.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(states.device());
+    const int err = dllm_logits_to_confidence_merge_cuda(&params, states.data_ptr<double>(), states.size(0),
+                                                         c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == 0, "dllm::logits_to_confidence_merge: CUDA launch failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    TORCH_CHECK(false, "dllm::logits_to_confidence_merge: internal: no compiled kernel for ", states.device());
   }
   return {token, score};
 }
@@ -144,6 +203,8 @@ std::tuple<Tensor, Tensor> op(const Tensor& logits, const std::optional<Tensor>&
 void register_logits_to_confidence(pybind11::module_& m) {
   // The cpu and cuda providers (Python has chosen and checked): the same kernel behind use_backend.
   m.def("logits_to_confidence_run", &run);
+  m.def("logits_to_confidence_partial_run", &partial_run);
+  m.def("logits_to_confidence_merge_run", &merge_run);
   m.def("set_temperature_range", [](double low, double high) {
     min_temperature.store(low);
     max_temperature.store(high);

@@ -1,11 +1,13 @@
 """Argument checks and layout helpers that every op module shares."""
 
+import inspect
 import operator
 
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT64_RANGE = (-(2**63), 2**63 - 1)
+_REQUIRED = object()
 
 
 def _same(value, default) -> bool:
@@ -24,10 +26,17 @@ def op_call(op: str, public):
     err = OpError(op)
     options = [a for a in overload._schema.arguments if a.kwarg_only]
     names = tuple(a.name for a in options)
-    own = public.__kwdefaults__
-    if tuple(own) != names:
+    own = inspect.signature(public).parameters
+    if tuple(n for n, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY) != names:
         raise TypeError(f"dllm::{op}: keyword options {tuple(own)} are not the schema's {names}")
-    defaults = tuple(own[a.name] if _same(own[a.name], a.default_value) else a.default_value for a in options)
+
+    def default(a):
+        if not a.has_default_value():
+            return _REQUIRED  # never the value given: always passed on
+        mine = own[a.name].default
+        return mine if _same(mine, a.default_value) else a.default_value
+
+    defaults = tuple(map(default, options))
     int_options = {a.name for a in options if str(a.type) == "int"}
     n_options = len(names)
     parse_failure = f"dllm::{op}() "
