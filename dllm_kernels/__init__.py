@@ -7,13 +7,18 @@ Every op has a plain-PyTorch reference and, where built, ``cuda``, ``triton`` an
 from . import (
     _backends,
     _registry,  # noqa: F401  (defines the schemas before any op registers kernels)
+    distributed,
     nn,
     schedules,
 )
 from ._backends import BACKENDS, available_backends, use_backend
 from .decode import RECIPES, decode_step
 from .ops.block_attention import block_attention
-from .ops.logits_to_confidence import logits_to_confidence
+from .ops.logits_to_confidence import (
+    logits_to_confidence,
+    logits_to_confidence_merge,
+    logits_to_confidence_partial,
+)
 from .ops.select_unmask import select_unmask
 from .ops.sparse24 import armor_linear, compress_24, decompress_24, prune_24, sparse24_mm
 
@@ -26,7 +31,10 @@ __all__ = [
     "compress_24",
     "decode_step",
     "decompress_24",
+    "distributed",
     "logits_to_confidence",
+    "logits_to_confidence_merge",
+    "logits_to_confidence_partial",
     "nn",
     "prune_24",
     "schedules",

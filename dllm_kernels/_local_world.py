@@ -1,12 +1,15 @@
 """A torch.distributed world of local processes, for the tests and benchmarks of ``dllm_kernels.distributed``.
 
 ``run(fn, world, *args)`` spawns ``world`` processes that join one gloo group over 127.0.0.1 only, calls
-``fn(rank, world, *args)`` in each and returns their results in rank order. The whole run is bounded by
+``fn(rank, world, *args)`` in each and returns their results in rank order. Each process loads ``fn`` from
+its source file, so it may live in a test or benchmark file that is not importable by name. The whole run is bounded by
 ``timeout``: a rank that raises, crashes or hangs ends it with an error that carries every failed rank's
 traceback, and no process outlives it.
 """
 
 import datetime
+import importlib.util
+import inspect
 import os
 import pickle
 import queue
@@ -28,10 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank, world, port, args, results, timeout, threads):
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location("_dllm_local_world_target", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _rank_main(target, rank, world, port, args, results, timeout, threads):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own sockets on the loopback interface too
     torch.set_num_threads(threads)
     try:
+        fn = _load(*target)
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://127.0.0.1:{port}",
@@ -49,14 +60,15 @@ def _rank_main(fn, rank, world, port, args, results, timeout, threads):
 
 
 def run(fn, world: int, *args, timeout: float = 120.0, threads: int = 1) -> list:
-    """``[fn(rank, world, *args) for each rank]``, each in its own process (``fn`` and ``args`` picklable;
-    ``threads``: torch's intra-op threads a rank)."""
+    """``[fn(rank, world, *args) for each rank]``, each in its own process (``fn`` a module-level function,
+    ``args`` picklable; ``threads``: torch's intra-op threads a rank)."""
+    target = (os.path.abspath(inspect.getfile(fn)), fn.__name__)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_rank_main, args=(fn, rank, world, port, args, results, timeout, threads), daemon=True
+            target=_rank_main, args=(target, rank, world, port, args, results, timeout, threads), daemon=True
         )
         for rank in range(world)
     ]

@@ -42,6 +42,9 @@ class Case:
     flops: int | None = None
     baseline_flops: dict[str, int | None] = field(default_factory=dict)  # None: a baseline that only reads
     cuda_graph: bool = False  # on CUDA, time the backends as a replay of one captured call
+    # Cases timed in other processes (a torch.distributed world): ``timed(min_seconds)`` checks the outputs
+    # there and returns the median ms of every backend and baseline, by name; run and check are then unused.
+    timed: Callable[[float], dict[str, float]] | None = None
 
 
 @dataclass
@@ -143,6 +146,21 @@ def measure(
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
         return Result(case.op, case.label, impl, kind, ms, gbps, tflops)
 
+    if case.timed is not None:
+        progress(f"{case.op} {case.label}: check and time in a local world")
+        times = case.timed(min_seconds)
+        results = [result(b, "backend", times[b]) for b in case.backends]
+        results += [result(name, "baseline", times[name]) for name in case.baselines]
+    else:
+        results = _measure_here(case, device, min_seconds, progress, result)
+    baseline_ms = {r.impl: r.median_ms for r in results if r.kind == "baseline"}
+    for r in results:
+        if r.kind == "backend":
+            r.ratios = {name: ms / r.median_ms for name, ms in baseline_ms.items()}
+    return results
+
+
+def _measure_here(case: Case, device: torch.device, min_seconds: float, progress, result) -> list[Result]:
     results = []
     for backend in case.backends:
         name = backend or "auto"
@@ -155,10 +173,6 @@ def measure(
     for name, fn in case.baselines.items():
         progress(f"{case.op} {case.label}: time baseline {name}")
         results.append(result(name, "baseline", time_ms(fn, device, min_seconds)))
-    baseline_ms = {r.impl: r.median_ms for r in results if r.kind == "baseline"}
-    for r in results:
-        if r.kind == "backend":
-            r.ratios = {name: ms / r.median_ms for name, ms in baseline_ms.items()}
     return results
 
 

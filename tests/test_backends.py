@@ -244,14 +244,21 @@ def test_pins_are_per_thread_and_reach_the_compiled_path(monkeypatch):
     assert chosen == [("pinned", "reference"), *expected_main], chosen
 
 
-PUBLIC_OPS = ("logits_to_confidence", "select_unmask", "block_attention")
+# (module under dllm_kernels.ops, op, the module's op_call for it)
+PUBLIC_OPS = (
+    ("logits_to_confidence", "logits_to_confidence", "_call"),
+    ("logits_to_confidence", "logits_to_confidence_partial", "_partial_call"),
+    ("logits_to_confidence", "logits_to_confidence_merge", "_merge_call"),
+    ("select_unmask", "select_unmask", "_call"),
+    ("block_attention", "block_attention", "_call"),
+)
 
 
-@pytest.mark.parametrize("op", PUBLIC_OPS)
-def test_public_functions_pass_each_argument_in_its_schema_place(op, monkeypatch):
+@pytest.mark.parametrize("module_name, op, call", PUBLIC_OPS, ids=[op for _, op, _ in PUBLIC_OPS])
+def test_public_functions_pass_each_argument_in_its_schema_place(module_name, op, call, monkeypatch):
     """The public functions hand torch.ops their options positionally: every argument, given a distinct
     value, must reach the op call in the schema's place for its name."""
-    module = getattr(dllm_kernels.ops, op)
+    module = getattr(dllm_kernels.ops, module_name)
     public = getattr(module, op)
     schema = getattr(torch.ops.dllm, op).default._schema
     names = [a.name for a in schema.arguments]
@@ -260,7 +267,7 @@ def test_public_functions_pass_each_argument_in_its_schema_place(op, monkeypatch
     ]
     sentinels = {name: object() for name in names}
     passed = []
-    monkeypatch.setattr(module, "_call", lambda *args: passed.append(args))
+    monkeypatch.setattr(module, call, lambda *args: passed.append(args))
     public(
         *(sentinels[name] for name in positional), **{n: sentinels[n] for n in names if n not in positional}
     )

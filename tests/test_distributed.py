@@ -108,14 +108,22 @@ def partial_then_merge(case, order):
     return logits_to_confidence_merge(states, vocab_size=cuts[-1], **options)
 
 
+def to_device(case, device):
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    options = case["options"]
+    return {**moved, "options": {**options, "banned": options["banned"].to(device)}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_partial_then_merge_is_the_op(backend, world):
+def test_partial_then_merge_is_the_op(backend, world, device):
+    reason = l2c.partial_dispatcher.why_not(backend, torch.device(device), explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     for case in cases_for(backend, world, generator):
-        reason = l2c.partial_dispatcher.why_not(backend, torch.device("cpu"), explicit=True)
-        if reason is not None:
-            pytest.skip(reason)
+        case = to_device(case, device)
         order = torch.randperm(world, generator=generator).tolist()  # shards merge in any order
         with use_backend(backend):
             actual = partial_then_merge(case, order)
