@@ -83,7 +83,8 @@ def cases(device, quick):
         received_gather = (WORLD - 1) * rows * width * 2
         label = (
             f"[{shape[0]},{shape[1]},{shape[2]}] bf16, {WORLD} gloo ranks, argmax: receives "
-            f"{_size(received_tp)} vs {_size(received_gather)} a rank ({received_gather / received_tp:.0f}x fewer)"
+            f"{_size(received_tp)} vs {_size(received_gather)} a rank "
+            f"({received_gather / received_tp:.0f}x fewer)"
         )
 
         def timed(min_seconds, shape=shape, seed=i):

@@ -1,10 +1,10 @@
 """A torch.distributed world of local processes, for the tests and benchmarks of ``dllm_kernels.distributed``.
 
-``run(fn, world, *args)`` spawns ``world`` processes that join one gloo group over 127.0.0.1 only, calls
-``fn(rank, world, *args)`` in each and returns their results in rank order. Each process loads ``fn`` from
-its source file, so it may live in a test or benchmark file that is not importable by name. The whole run is bounded by
-``timeout``: a rank that raises, crashes or hangs ends it with an error that carries every failed rank's
-traceback, and no process outlives it.
+``run(fn, world, *args)`` spawns ``world`` processes that join one gloo group over 127.0.0.1 only,
+calls ``fn(rank, world, *args)`` in each and returns their results in rank order. Each process loads
+``fn`` from its source file, so it may live in a test or benchmark file that is not importable by name.
+The whole run is bounded by ``timeout``: a rank that raises, crashes or hangs ends it with an error that
+carries every failed rank's traceback, and no process outlives it.
 """
 
 import datetime
