@@ -380,3 +380,11 @@ def test_bad_input_raises_on_every_rank(world_run):
             message = errors[name]
             assert message is not None, f"{name}: rank {rank} returned instead of raising"
             assert message.startswith("dllm::"), f"{name}: rank {rank}: {message}"
+
+
+def test_decode_step_group_without_vocab_start_is_an_error():
+    logits = torch.randn(1, 4, 11)
+    x = torch.full((1, 4), 11)
+    with pytest.raises(TypeError, match=r"^dllm::decode_step: group is for vocabulary-sharded logits"):
+        dllm_kernels.decode_step(logits, x, x == 11, recipe="fast_dllm", group=object())
+    assert torch.equal(x, torch.full((1, 4), 11)), "a failed step must leave x untouched"

@@ -158,13 +158,15 @@ def _cases():
     from dllm_kernels.ops.select_unmask import POLICIES
 
     cases = []
-    # logits_to_confidence: greedy and sampling tiles, whole-row and split (workspace) variants.
+    # logits_to_confidence: greedy and sampling tiles, whole-row and split (workspace) variants, and a
+    # vocabulary shard's state (logits_to_confidence_partial).
     scan_types = {
         "x_ptr": "*bf16",
         "eligible_ptr": "*u8",
         "banned_ptr": "*i64",
         "token_ptr": "*i64",
         "score_ptr": "*fp32",
+        "state_ptr": "*fp64",
         "ws_f": "*fp32",
         "ws_i": "*i32",
         "c": "fp32",
@@ -172,27 +174,42 @@ def _cases():
         "seed": "i64",
     }
     scan_types |= {n: "i32" for n in ("n_inner", "stride_o", "stride_i", "V", "chunk", "n_banned")}
-    scan_types |= {n: "i32" for n in ("off_lo", "off_hi")}
-    for score, sample, split in (
-        ("prob", False, False),
-        ("neg_entropy", False, True),
-        ("margin", True, False),
-        ("random", True, True),
+    scan_types |= {n: "i32" for n in ("off_lo", "off_hi", "col_base", "lead")}
+    for score, sample, split, state in (
+        ("prob", False, False, False),
+        ("neg_entropy", False, True, False),
+        ("margin", True, False, False),
+        ("random", True, True, False),
+        ("margin", True, False, True),
     ):
         block_v = ltc._MAX_BLOCK_V_SAMPLE if sample else ltc._MAX_BLOCK_V
-        constexprs = dict(SCORE=score, SAMPLE=sample, SPLIT=split, BLOCK_V=block_v)
+        constexprs = dict(SCORE=score, SAMPLE=sample, SPLIT=split, STATE=state, BLOCK_V=block_v)
         if not split:
             constexprs |= dict(ws_f=None, ws_i=None)
-        label = f"{score} sample={sample} split={split} V{block_v}"
+        constexprs |= dict(token_ptr=None, score_ptr=None) if state else dict(state_ptr=None)
+        label = f"{score} sample={sample} split={split} state={state} V{block_v}"
         options = dict(num_warps=max(1, min(8, block_v // 256)))
         cases.append((ltc._scan_kernel, label, scan_types, constexprs, options))
-    merge_types = {"ws_f": "*fp32", "ws_i": "*i32", "token_ptr": "*i64", "score_ptr": "*fp32"}
-    merge_types |= {"splits": "i32", "V": "i32", "c": "fp32", "seed": "i64", "off_lo": "i32", "off_hi": "i32"}
-    for score, sample in (("neg_entropy", False), ("prob", True)):
-        constexprs = dict(SCORE=score, SAMPLE=sample, BLOCK_S=32)
-        cases.append(
-            (ltc._merge_kernel, f"{score} sample={sample}", merge_types, constexprs, dict(num_warps=1))
-        )
+    merge_types = {
+        "token_ptr": "*i64",
+        "score_ptr": "*fp32",
+        "state_ptr": "*fp64",
+        "c": "fp32",
+        "seed": "i64",
+    }
+    merge_types |= {n: "i32" for n in ("parts", "row_stride", "part_stride", "field_stride", "V")}
+    merge_types |= {n: "i32" for n in ("off_lo", "off_hi", "col_base")}
+    chunks = {"f_ptr": "*fp32", "i_ptr": "*i32"}
+    shards = {"f_ptr": "*fp64", "i_ptr": "*fp64"}
+    for score, sample, state, where in (
+        ("neg_entropy", False, False, chunks),
+        ("prob", True, True, chunks),
+        ("margin", True, False, shards),
+    ):
+        constexprs = dict(SCORE=score, SAMPLE=sample, STATE=state, BLOCK_S=32)
+        constexprs |= dict(token_ptr=None, score_ptr=None) if state else dict(state_ptr=None)
+        label = f"{score} sample={sample} state={state} {'shards' if where is shards else 'chunks'}"
+        cases.append((ltc._merge_kernel, label, merge_types | where, constexprs, dict(num_warps=1)))
 
     # select_unmask: each policy at a 256-token and a 4096-token row, with the fused commit.
     select_types = {"score_ptr": "*fp32", "eligible_ptr": "*u8", "k_ptr": "*i64", "token_ptr": "*i64"}
