@@ -89,24 +89,30 @@ def logits_to_confidence(
         )
     except (TypeError, ValueError, RuntimeError) as e:
         local_error = e
-    headers = _exchange_headers(
-        _header(logits_shard, eligible, vocab_start, local_error, seed, offset, **options), group
+    # The header travels while this rank reads its shard (only a call that passed its own checks reads).
+    headers, arrival = _start_gather(
+        _header_tensor(logits_shard, eligible, vocab_start, local_error, seed, offset, group, **options),
+        group,
     )
+    state = None
+    if local_error is None:
+        state = logits_to_confidence_partial(
+            logits_shard, eligible, vocab_start=vocab_start, seed=seed, offset=offset, **options
+        ).contiguous()
+    arrival.wait()
     if local_error is not None:
         raise local_error
-    vocab_size = _check_headers(headers)
-
-    state = logits_to_confidence_partial(
-        logits_shard, eligible, vocab_start=vocab_start, seed=seed, offset=offset, **options
-    ).contiguous()
+    vocab_size = _check_headers(headers.cpu())
     states = _all_gather(state, group)
     del options["banned"]
     return logits_to_confidence_merge(states, vocab_size=vocab_size, seed=seed, offset=offset, **options)
 
 
-def _header(logits, eligible, vocab_start, error, seed, offset, temperature, score, tempered_score, banned):
+def _header_tensor(
+    logits, eligible, vocab_start, error, seed, offset, group, temperature, score, tempered_score, banned
+):
     """This rank's header: what every rank must agree on, as int64 (tuples of ints, floats and bools hash
-    the same in every process)."""
+    the same in every process), on the device the group's header travels on."""
     header = [0] * _HEADER
     header[_OK] = int(error is None)
     if error is None:
@@ -124,7 +130,7 @@ def _header(logits, eligible, vocab_start, error, seed, offset, temperature, sco
         )
         header[_OPTIONS] = hash(chosen)
         header[_DEVICE] = zlib.crc32(logits.device.type.encode())  # str hashes differ between processes
-    return header
+    return torch.tensor(header, dtype=torch.int64, device=_header_device(group))
 
 
 def _header_device(group) -> torch.device:
@@ -135,17 +141,18 @@ def _header_device(group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _exchange_headers(header: list[int], group) -> torch.Tensor:
-    """Every rank's header, ``[world, 8]`` int64 on the CPU, in rank order."""
-    mine = torch.tensor(header, dtype=torch.int64, device=_header_device(group))
-    return _all_gather(mine, group).cpu()
+def _start_gather(t: torch.Tensor, group):
+    """``([world, *t.shape], work)``: every rank's contiguous t in rank order once ``work.wait()`` returns
+    (gathered flat: gloo's form)."""
+    every = t.new_empty(world_size(group) * t.numel())
+    work = _all_gather_single(every, t.reshape(-1), group=group, async_op=True)
+    return every.view(-1, *t.shape), work
 
 
 def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
-    """``[world, *t.shape]``: every rank's contiguous t, in rank order (gathered flat: gloo's form)."""
-    every = t.new_empty(world_size(group) * t.numel())
-    _all_gather_single(every, t.reshape(-1), group=group)
-    return every.view(-1, *t.shape)
+    every, work = _start_gather(t, group)
+    work.wait()
+    return every
 
 
 def _check_headers(headers: torch.Tensor) -> int:

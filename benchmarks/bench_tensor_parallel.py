@@ -1,6 +1,7 @@
 """Tensor-parallel logits_to_confidence (dllm_kernels.distributed) on a local gloo world of 2 ranks, beside
 gather-then-decide: all-gather the vocabulary shards of the logits, then the single-device op, as the
 frameworks do today. Each rank runs on one thread; a step is timed from a barrier to its end on every rank.
+Its file name sorts last, so that the load of its ranks falls on no other benchmark.
 The label gives the bytes a rank receives from the collectives of one step, for both."""
 
 import statistics
