@@ -31,13 +31,15 @@ BENCH_DIR = ROOT / "benchmarks"
 class Case:
     op: str
     label: str
-    run: Callable[[], object]  # calls the public op; the harness pins the backend around it
-    check: Callable[[object], None]  # raises AssertionError when an output disagrees with the reference
+    run: Callable[[], object] | None  # calls the public op; the harness pins the backend around it
+    check: (
+        Callable[[object], None] | None
+    )  # raises AssertionError when an output disagrees with the reference
     bytes: int  # bytes that must move: inputs read once, outputs written once
     # backends that can run this case, from the op's dispatcher; None: the automatic choice, unpinned (for
     # a call the compiled kernels take, the path that never enters Python)
     backends: list[str | None]
-    baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
+    baselines: dict[str, Callable[[], object] | None] = field(default_factory=dict)
     baseline_bytes: dict[str, int] = field(default_factory=dict)  # where a baseline moves other bytes
     flops: int | None = None
     baseline_flops: dict[str, int | None] = field(default_factory=dict)  # None: a baseline that only reads

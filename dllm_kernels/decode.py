@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from . import distributed
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
 
@@ -39,8 +40,6 @@ def _confidence(logits, eligible, *, group=None, vocab_start=None, **options):
         if group is not None:
             raise TypeError("dllm::decode_step: group is for vocabulary-sharded logits and needs vocab_start")
         return logits_to_confidence(logits, eligible, **options)
-    from . import distributed
-
     return distributed.logits_to_confidence(logits, eligible, vocab_start=vocab_start, group=group, **options)
 
 

@@ -28,6 +28,7 @@ from .ops.logits_to_confidence import (
     checked_partial_args,
     logits_to_confidence_merge,
     logits_to_confidence_partial,
+    partial_dispatcher,
 )
 from .ops.logits_to_confidence import logits_to_confidence as _single_device
 
@@ -35,7 +36,7 @@ OP = "distributed.logits_to_confidence"
 _err = OpError(OP)
 # torch 2.13 renamed all_gather_into_tensor; the device image's 2.11 has only the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-# Header fields, one int64 each.
+# Header fields, one int64 each (_ROWS only makes the shape error readable; _SHAPE is compared).
 _OK, _START, _WIDTH, _ROWS, _SHAPE, _OPTIONS, _DEVICE, _HEADER = range(8)
 
 
@@ -65,28 +66,20 @@ def logits_to_confidence(
     W)``; widths may differ) and the same ``eligible``, options and ``banned`` (global ids: each rank applies
     those in its range). Returns ``(token, score)``, identical on every rank: ``token`` global ids.
     """
+    options = dict(temperature=temperature, score=score, tempered_score=tempered_score, banned=banned)
     if world_size(group) == 1:
         if vocab_start != 0:
             _err(
                 f"a world of one holds the whole vocabulary, so vocab_start must be 0; got {vocab_start}",
                 ValueError,
             )
-        return _single_device(
-            logits_shard,
-            eligible,
-            temperature=temperature,
-            score=score,
-            tempered_score=tempered_score,
-            banned=banned,
-            seed=seed,
-            offset=offset,
-        )
-    options = dict(temperature=temperature, score=score, tempered_score=tempered_score, banned=banned)
+        return _single_device(logits_shard, eligible, seed=seed, offset=offset, **options)
     local_error = None
-    try:  # every rank reaches the header exchange, so a bad call raises on all of them
-        checked_partial_args(
+    try:  # every rank reaches the header exchange, so a call this rank cannot run raises on all of them
+        arguments = checked_partial_args(
             logits_shard, eligible, vocab_start=vocab_start, seed=seed, offset=offset, **options
         )
+        partial_dispatcher.select(logits_shard.device, *arguments)  # a pinned backend that cannot run it
     except (TypeError, ValueError, RuntimeError) as e:
         local_error = e
     # The header travels while this rank reads its shard (only a call that passed its own checks reads).
@@ -98,7 +91,7 @@ def logits_to_confidence(
     if local_error is None:
         state = logits_to_confidence_partial(
             logits_shard, eligible, vocab_start=vocab_start, seed=seed, offset=offset, **options
-        ).contiguous()
+        )
     arrival.wait()
     if local_error is not None:
         raise local_error
@@ -156,24 +149,23 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def _check_headers(headers: torch.Tensor) -> int:
-    """The vocabulary size, once the shards tile ``[0, V)`` and every rank agrees on rows and options;
-    else the same error on every rank."""
+    """The vocabulary size, once the shards tile ``[0, V)`` and every rank agrees on the rows, options and
+    device type; else the same error on every rank."""
     rows = headers.tolist()
     bad = [rank for rank, h in enumerate(rows) if not h[_OK]]
     if bad:
         _err(f"rank(s) {bad} rejected their arguments (their own error says why)")
+    counts = [h[_ROWS] for h in rows]
     for field, what in (
-        (_ROWS, "logits.shape[:-1]"),
-        (_SHAPE, "logits.shape[:-1]"),
+        (_SHAPE, f"logits.shape[:-1] (rows by rank: {counts})"),
         (
             _OPTIONS,
-            "options (temperature, score, tempered_score, seed, offset, eligible / banned given or not)",
+            "options (temperature, score, tempered_score, seed, offset; eligible, banned given or not)",
         ),
         (_DEVICE, "device type"),
     ):
         if len({h[field] for h in rows}) > 1:
-            counts = [h[_ROWS] for h in rows]
-            _err(f"every rank must pass the same {what}; the ranks differ (rows per rank: {counts})")
+            _err(f"every rank must pass the same {what}; the ranks differ")
     shards = sorted((h[_START], h[_WIDTH]) for h in rows)
     end = 0
     for start, width in shards:

@@ -1,7 +1,9 @@
 """The dispatcher: automatic choice, pinning, availability reporting, a missing extension."""
 
+import importlib
 import inspect
 import os
+import pkgutil
 
 import pytest
 import torch
@@ -244,21 +246,28 @@ def test_pins_are_per_thread_and_reach_the_compiled_path(monkeypatch):
     assert chosen == [("pinned", "reference"), *expected_main], chosen
 
 
-# (module under dllm_kernels.ops, op, the module's op_call for it)
-PUBLIC_OPS = (
-    ("logits_to_confidence", "logits_to_confidence", "_call"),
-    ("logits_to_confidence", "logits_to_confidence_partial", "_partial_call"),
-    ("logits_to_confidence", "logits_to_confidence_merge", "_merge_call"),
-    ("select_unmask", "select_unmask", "_call"),
-    ("block_attention", "block_attention", "_call"),
-)
+def _op_calls():
+    """(module, op, attribute) of every op_call in dllm_kernels.ops: the public function of each op is the
+    module's function of the op's name."""
+    found = []
+    for info in pkgutil.iter_modules(dllm_kernels.ops.__path__):
+        module = importlib.import_module(f"dllm_kernels.ops.{info.name}")
+        found += [(module, v.dllm_op, name) for name, v in vars(module).items() if hasattr(v, "dllm_op")]
+    return found
 
 
-@pytest.mark.parametrize("module_name, op, call", PUBLIC_OPS, ids=[op for _, op, _ in PUBLIC_OPS])
-def test_public_functions_pass_each_argument_in_its_schema_place(module_name, op, call, monkeypatch):
+OP_CALLS = _op_calls()
+
+
+def test_op_calls_are_found():
+    ops = {op for _, op, _ in OP_CALLS}
+    assert {"logits_to_confidence", "logits_to_confidence_partial", "select_unmask", "block_attention"} <= ops
+
+
+@pytest.mark.parametrize("module, op, call", OP_CALLS, ids=[op for _, op, _ in OP_CALLS])
+def test_public_functions_pass_each_argument_in_its_schema_place(module, op, call, monkeypatch):
     """The public functions hand torch.ops their options positionally: every argument, given a distinct
     value, must reach the op call in the schema's place for its name."""
-    module = getattr(dllm_kernels.ops, module_name)
     public = getattr(module, op)
     schema = getattr(torch.ops.dllm, op).default._schema
     names = [a.name for a in schema.arguments]
@@ -277,26 +286,34 @@ def test_public_functions_pass_each_argument_in_its_schema_place(module_name, op
 
 
 @pytest.mark.parametrize(
-    "call, message",
+    "call, exc, message",
     [
         (
             lambda: dllm_kernels.select_unmask(torch.rand(1, 8), torch.rand(1, 8) < 0.5, k=4),
+            TypeError,
             "dllm::select_unmask: Expected a value of type 'Optional[Tensor]' for argument 'k'",
         ),
         (
             lambda: dllm_kernels.select_unmask(torch.rand(1, 8), torch.rand(1, 8) < 0.5, min_per_row=2**70),
+            ValueError,
             "dllm::select_unmask: min_per_row must be an int in [-2^63, 2^63)",
         ),
         (
             lambda: dllm_kernels.block_attention(
                 *([torch.randn(1, 2, 1, 4)] * 3), *([torch.ones(1, dtype=torch.int32)] * 2), block_size=2**64
             ),
+            ValueError,
             "dllm::block_attention: block_size must be an int in [-2^63, 2^63)",
+        ),
+        (
+            lambda: dllm_kernels.logits_to_confidence_merge(torch.randn(1, 1, 8).double(), vocab_size=2.5),
+            TypeError,
+            "dllm::logits_to_confidence_merge: Expected a value of type 'int' for argument 'vocab_size'",
         ),
     ],
 )
-def test_arguments_torch_ops_cannot_parse_get_a_dllm_error(call, message):
-    with pytest.raises((TypeError, ValueError)) as info:
+def test_arguments_torch_ops_cannot_parse_get_a_dllm_error(call, exc, message):
+    with pytest.raises(exc) as info:
         call()
     assert str(info.value).startswith(message), str(info.value)
     assert info.value.__context__ is None  # not chained to torch's schema dump

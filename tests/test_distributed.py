@@ -134,13 +134,12 @@ def test_partial_splits_a_shard_across_threads_and_programs():
     """One eligible row of a wide shard: the CPU kernel splits it across threads, Triton across programs."""
     logits = torch.randn(1, 70001) * 3
     for options in (dict(), dict(temperature=0.9, score="neg_entropy", seed=3)):
-        expected = dllm_kernels.logits_to_confidence(logits, **options)
+        case = dict(logits=logits, eligible=None, cuts=[0, 30003, 70001], options={**options, "banned": None})
         for backend in ("cpu", "reference"):
             with use_backend(backend):
-                case = dict(
-                    logits=logits, eligible=None, cuts=[0, 30003, 70001], options={**options, "banned": None}
+                check_same(
+                    partial_then_merge(case, [1, 0]), single_device(backend, case), f"{backend} {options}"
                 )
-                check_same(partial_then_merge(case, [1, 0]), expected, f"{backend} {options}")
     from dllm_kernels.triton_kernels.logits_to_confidence import logits_to_confidence as launch
 
     logits = torch.randn(2, 3, 701) * 3
@@ -162,13 +161,10 @@ def test_partial_splits_a_shard_across_threads_and_programs():
                 for a, b in ((0, 333), (333, 701))
             ]
         )
-        with use_backend("reference"):
-            token, score = logits_to_confidence_merge(states, vocab_size=701, seed=5, offset=7, **options)
-        with use_backend("cpu"):
+        with use_backend("triton"):
+            actual = logits_to_confidence_merge(states, vocab_size=701, seed=5, offset=7, **options)
             expected = dllm_kernels.logits_to_confidence(logits, seed=5, offset=7, **options)
-        if options["temperature"] == 0:  # sampled keys round differently on the two backends
-            assert torch.equal(token, expected[0])
-        assert_close(score[token == expected[0]], expected[1][token == expected[0]])
+        check_same(actual, expected, f"triton, 3 programs a shard, {options}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -280,31 +276,71 @@ def recipe_case(world, generator):
     return dict(logits=logits, x=x, eligible=eligible, cuts=cuts)
 
 
+TILE = "the shards must tile the vocabulary"
+
+
 def bad_calls(rank, world):
-    """(name, call) pairs that some rank gets wrong; every rank must raise a dllm:: error."""
+    """{name: (shard, vocab_start, options, backend, culprit, message)}: calls that some rank gets wrong.
+    Every rank must raise: with ``message`` when no single rank is at fault (culprit None); else the
+    culprit rank with ``message`` and every other rank naming the culprit."""
     logits = torch.randn(2, 3, 10 * world)
+    start = 10 * rank
 
-    def shard(start=None, width=10, rows=2):
-        start = 10 * rank if start is None else start
-        return logits[:rows, :, 10 * rank : 10 * rank + width], start
+    def shard(width=10, rows=2):
+        return logits[:rows, :, start : start + width]
 
-    gap = shard(width=9 if rank == 0 else 10)
-    overlap = shard(start=10 * rank - (rank == world - 1))
-    negative = shard(start=-1 if rank == 1 else None)
-    past = shard(start=10 * world + 5 if rank == world - 1 else None)
-    rows = shard(rows=1 if rank == 1 else 2)
+    last = world - 1
     return {
-        "widths do not add up": (gap, {}),
-        "shards overlap": (overlap, {}),
-        "vocab_start negative": (negative, {}),
-        "vocab_start past the vocabulary": (past, {}),
-        "ranks disagree on B": (rows, {}),
-        "ranks disagree on the options": (shard(), dict(temperature=0.5 if rank == 0 else 0.0)),
+        "widths do not add up": (shard(9 if rank == 0 else 10), start, {}, None, None, TILE),
+        "shards overlap": (shard(), start - (rank == last), {}, None, None, TILE),
+        "vocab_start past the vocabulary": (shard(), start + 15 * (rank == last), {}, None, None, TILE),
+        "vocab_start negative": (shard(), -1 if rank == 1 else start, {}, None, 1, "vocab_start must be in"),
+        "vocab_start not an int": (
+            shard(),
+            float(start) if rank == 1 else start,
+            {},
+            None,
+            1,
+            "vocab_start must be an int",
+        ),
+        "ranks disagree on B": (
+            shard(rows=1 if rank == 1 else 2),
+            start,
+            {},
+            None,
+            None,
+            "same logits.shape",
+        ),
+        "ranks disagree on the options": (
+            shard(),
+            start,
+            dict(temperature=0.5 if rank == 0 else 0.0),
+            None,
+            None,
+            "same options",
+        ),
+        "a pinned backend that cannot run the call": (
+            shard(),
+            start,
+            {},
+            "cuda" if rank == 0 else None,
+            0,
+            "backend 'cuda' was requested but cannot run",
+        ),
     }
 
 
 def rank_scenarios(rank, world, cases, recipes):
-    """Runs on every rank of the world: every case, recipe and bad call; returns what each gave."""
+    """Runs on every rank of the world: every bad call first (the world must stay in step after them),
+    then every case and recipe; returns what each gave."""
+    errors = {}
+    for name, (logits, start, options, backend, _, _) in bad_calls(rank, world).items():
+        try:
+            with use_backend(backend):
+                distributed.logits_to_confidence(logits, vocab_start=start, **options)
+            errors[name] = None
+        except Exception as e:  # any error: the test checks its message
+            errors[name] = str(e)
     answers = {}
     for key, (backend, case) in cases.items():
         a, b = case["cuts"][rank], case["cuts"][rank + 1]
@@ -321,13 +357,6 @@ def rank_scenarios(rank, world, cases, recipes):
             case["logits"][..., a:b], x, case["eligible"], recipe=name, vocab_start=a, **options
         )
         steps[name] = (x, selected, count)
-    errors = {}
-    for name, ((logits, start), options) in bad_calls(rank, world).items():
-        try:
-            distributed.logits_to_confidence(logits, vocab_start=start, **options)
-            errors[name] = None
-        except Exception as e:
-            errors[name] = str(e)
     return answers, steps, errors
 
 
@@ -375,11 +404,12 @@ def test_every_recipe_leaves_x_identical_on_every_rank(world_run):
 
 def test_bad_input_raises_on_every_rank(world_run):
     world, _, _, results = world_run
-    for name in bad_calls(0, world):
+    for name, (_, _, _, _, culprit, message) in bad_calls(0, world).items():
         for rank, (_, _, errors) in enumerate(results):
-            message = errors[name]
-            assert message is not None, f"{name}: rank {rank} returned instead of raising"
-            assert message.startswith("dllm::"), f"{name}: rank {rank}: {message}"
+            got = errors[name]
+            assert got is not None, f"{name}: rank {rank} returned instead of raising"
+            expected = message if culprit in (None, rank) else f"rank(s) [{culprit}] rejected their arguments"
+            assert got.startswith("dllm::") and expected in got, f"{name}: rank {rank}: {got}"
 
 
 def test_decode_step_group_without_vocab_start_is_an_error():

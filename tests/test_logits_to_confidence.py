@@ -369,6 +369,39 @@ def test_generic_cpu_sampling_path():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("disabled", ["", "avx512"], ids=["avx512", "generic"])
+def test_cpu_race_filter_changes_nothing(disabled, tmp_path):
+    """The CPU sampling's race filter skips the logs of columns that cannot win: the tokens and scores
+    equal those of the same path with the filter off (DLLM_CPU_DISABLE=race), bit for bit. T = 5e-5 puts
+    T * 2^16 inside the logits' range, so the filter turns off part-way through rows."""
+    code = """
+        import torch, dllm_kernels
+        torch.manual_seed(SEED)
+        flat = torch.randn(64, 4099) * 3
+        peaked = flat.clone()
+        peaked[:, 7] += 12
+        options = (
+            dict(temperature=0.8, seed=3, offset=2),
+            dict(temperature=1.5, tempered_score=True, score="margin"),
+            dict(temperature=5e-5, seed=1),
+        )
+        out = []
+        with dllm_kernels.use_backend("cpu"):
+            for logits in (flat.bfloat16(), peaked.bfloat16(), flat):
+                out += [dllm_kernels.logits_to_confidence(logits, **kwargs) for kwargs in options]
+        torch.save(out, PATH)
+    """.replace("SEED", str(torch.randint(2**31, ()).item()))
+    results = []
+    for name, flags in (("on", disabled), ("off", ",".join(filter(None, (disabled, "race"))))):
+        path = tmp_path / f"{name}.pt"
+        result = python(code.replace("PATH", repr(str(path))), DLLM_CPU_DISABLE=flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results.append(torch.load(path))
+    for (token, score), (token_off, score_off) in zip(*results, strict=True):
+        assert torch.equal(token, token_off)
+        torch.testing.assert_close(score, score_off, rtol=0, atol=0, equal_nan=True)
+
+
 def scores_in_range(token, score, kind):
     """token == -1 exactly where the score is -inf or NaN; prob / margin in [0, 1], neg_entropy <= 0."""
     undefined = torch.isnan(score) | (score == -math.inf)

@@ -1,6 +1,7 @@
 // Which optional instruction sets the CPU kernels use beyond their compiled clone: what the CPU reports,
 // less what DLLM_CPU_DISABLE names (read once per feature; a comma-separated list of "amx", "avx512bf16",
-// "avx512"), so that the tests can run every path on one machine.
+// "avx512", and "race" for logits_to_confidence's sampling filter), so that the tests can run every path
+// on one machine.
 #pragma once
 
 #include <cstdlib>

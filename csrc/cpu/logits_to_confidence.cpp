@@ -198,9 +198,11 @@ DLLM_SIMD_INLINE void to_columns(const vuint (&w)[4], vuint (&cols)[4]) {
 // Race filter: a key l + T * g beats best only if -log u < 2^t, t = (l - best) / (T ln 2); as
 // -log u >= 1 - u >= 2^e with e the binary exponent of 1 - u, a column with e >= t + 1 cannot win and
 // skips the two logs (the 1 is slack for rounding). Trusted only while the fp32 rounding of keys near
-// best stays far below T * ln 2: |best|, |logits| <= T * 2^16.
+// best stays far below T * ln 2: |best|, |logits| <= T * 2^16. DLLM_CPU_DISABLE=race turns it off (tests:
+// the tokens and scores must not change).
 DLLM_SIMD_INLINE bool race_filter_holds(float best, float lmax, float temperature) {
-  return std::isfinite(best) && std::max(std::fabs(best), std::fabs(lmax)) <= temperature * kRaceRange;
+  static const bool allowed = !cpu_disabled("race");
+  return allowed && std::isfinite(best) && std::max(std::fabs(best), std::fabs(lmax)) <= temperature * kRaceRange;
 }
 
 // t + 1 per lane (NaN logits give NaN: never below it); +inf keeps every lane.
@@ -240,16 +242,14 @@ DLLM_SIMD_INLINE void sample_block(const float* buf, int64_t begin, int64_t n, u
     const bool race = race_filter_holds(best, st.lmax, temperature);
     const vuint counters = lane + (ctx.base_counter + static_cast<uint32_t>((begin + j) / 4));
     const uint32_t offset_lo = static_cast<uint32_t>(ctx.offset), offset_hi = static_cast<uint32_t>(ctx.offset >> 32);
-    vuint w[4] = {counters, vuint{} + row_id, vuint{} + offset_lo, vuint{} + offset_hi};
+    vuint w[1][4] = {{counters, vuint{} + row_id, vuint{} + offset_lo, vuint{} + offset_hi}};
     if constexpr (kAvx512) {
-      vuint words[1][4];
-      philox4_avx512<1>({counters}, row_id, offset_lo, offset_hi, ctx.seed, words);
-      for (int k = 0; k < 4; ++k) w[k] = words[0][k];
+      philox4_avx512<1>({counters}, row_id, offset_lo, offset_hi, ctx.seed, w);
     } else {
-      philox4<vuint>(w[0], w[1], w[2], w[3], ctx.seed);
+      philox4<vuint>(w[0][0], w[0][1], w[0][2], w[0][3], ctx.seed);
     }
     vuint cols[4];
-    to_columns(w, cols);
+    to_columns(w[0], cols);
     vfloat unit_max = simd::splat(-INFINITY);
     for (int v = 0; v < 4; ++v) {
       const vfloat key = sampling_key(x[v], cols[v], temperature, race_limit(x[v], best, temperature, race));
@@ -311,7 +311,8 @@ __attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* bu
   const float temperature = ctx.k.temperature;
   const __m512 reach = _mm512_set1_ps(temperature * kGumbelBound), kmax = _mm512_set1_ps(st.kmax);
   int32_t count = 0;
-  for (int64_t j = 0; j < n; j += kLanes) {
+  const int64_t dense_count = n * kDenseNum / kDenseDen;  // more candidates than this: sample every unit
+  for (int64_t j = 0; j < n && count <= dense_count; j += kLanes) {
     const __m512 x = reinterpret_cast<__m512>(simd::load(buf + j));
     const __mmask16 can_win = _mm512_cmp_ps_mask(_mm512_add_ps(x, reach), kmax, _CMP_GT_OQ);
     // Compress in registers and store whole vectors: compress-to-memory (and a later gather) are
@@ -321,7 +322,7 @@ __attribute__((target("arch=x86-64-v4"))) void sample_candidates(const float* bu
     _mm512_storeu_ps(candidate_logits + count, _mm512_maskz_compress_ps(can_win, x));
     count += __builtin_popcount(can_win);
   }
-  if (count * kDenseDen > n * kDenseNum) {
+  if (count > dense_count) {
     sample_block<true>(buf, begin, n, row_id, ctx, keys, st);
     return;
   }

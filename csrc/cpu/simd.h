@@ -33,6 +33,8 @@ DLLM_SIMD_INLINE vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a 
 // Lane-wise max that ignores NaN in x (NaN > m is false).
 DLLM_SIMD_INLINE vfloat max_ignore_nan(vfloat m, vfloat x) { return x > m ? x : m; }
 
+static_assert(kLanes == 16, "reduce_max and any fold 16 lanes");
+
 // Largest lane of a NaN-free v, folding halves in registers (a lane loop is a chain of 15 dependent maxes).
 DLLM_SIMD_INLINE float reduce_max(vfloat v) {
   typedef float vfloat8 __attribute__((vector_size(32)));

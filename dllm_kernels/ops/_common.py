@@ -27,8 +27,9 @@ def op_call(op: str, public):
     options = [a for a in overload._schema.arguments if a.kwarg_only]
     names = tuple(a.name for a in options)
     own = inspect.signature(public).parameters
-    if tuple(n for n, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY) != names:
-        raise TypeError(f"dllm::{op}: keyword options {tuple(own)} are not the schema's {names}")
+    keyword = tuple(n for n, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    if keyword != names:
+        raise TypeError(f"dllm::{op}: keyword options {keyword} are not the schema's {names}")
 
     def default(a):
         if not a.has_default_value():
@@ -37,30 +38,33 @@ def op_call(op: str, public):
         return mine if _same(mine, a.default_value) else a.default_value
 
     defaults = tuple(map(default, options))
-    int_options = {a.name for a in options if str(a.type) == "int"}
+    int_options = {a.name for a in options if str(a.type) in ("int", "Optional[int]")}
     n_options = len(names)
     parse_failure = f"dllm::{op}() "
 
     def call(*args):
+        split = len(args) - n_options  # tensors, then options (an op may have none: args[-0:] is all)
+        values = args[split:]
         try:
-            values = args[-n_options:]
             if all(map(operator.is_, values, defaults)):
-                return overload(*args[:-n_options])
+                return overload(*args[:split])
             changed = {
                 name: value
                 for name, value, default in zip(names, values, defaults, strict=True)
                 if value is not default and not _same(value, default)
             }
-            return overload(*args[:-n_options], **changed)
+            return overload(*args[:split], **changed)
         except RuntimeError as e:
             message = str(e).split("\n", 1)[0]  # the rest is torch's schema dump
             if not message.startswith(parse_failure + "Expected a value of type"):
                 raise
         # Outside the except block: the dllm:: error is not chained to torch's.
-        for name, value in zip(names, args[len(args) - n_options :], strict=True):
+        for name, value in zip(names, values, strict=True):
             if name in int_options:
                 err.int64(name, value)
         err(message[len(parse_failure) :], TypeError)
+
+    call.dllm_op = op  # tests find every public function that goes through here
 
     return call
 

@@ -124,13 +124,18 @@ for _backend in ("cpu", "cuda"):
     dispatcher.register(_backend)(_compiled)
 
 
-@dispatcher.register("triton")
-def _triton(logits, eligible, temperature, score, tempered_score, banned, seed, offset):
+def _triton_launch(logits, eligible, *options, vocab_start=None):
+    """The Triton kernel on logits' rows view: (token, score) [O, I], or with vocab_start the states."""
     from ..triton_kernels.logits_to_confidence import logits_to_confidence as launch
 
     rows = rows_view(logits)
     rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
-    token, value = launch(rows, rows_eligible, banned, temperature, score, tempered_score, seed, offset)
+    return launch(rows, rows_eligible, *options, vocab_start=vocab_start)
+
+
+@dispatcher.register("triton")
+def _triton(logits, eligible, temperature, score, tempered_score, banned, seed, offset):
+    token, value = _triton_launch(logits, eligible, banned, temperature, score, tempered_score, seed, offset)
     shape = logits.shape[:-1]
     return token.view(shape), value.view(shape)
 
@@ -199,6 +204,8 @@ def checked_partial_args(
     offset=0,
 ):
     _check_rows(_partial_err, logits, eligible, banned)
+    if not isinstance(vocab_start, int) or isinstance(vocab_start, bool):
+        _partial_err(f"vocab_start must be an int; got {type(vocab_start).__name__}", TypeError)
     if not 0 <= vocab_start <= MAX_VOCAB - logits.shape[-1]:
         _partial_err(
             f"vocab_start must be in [0, 2^31 - 1 - W] (W = {logits.shape[-1]}: global ids fit an int32); "
@@ -262,14 +269,10 @@ for _backend in ("cpu", "cuda"):
 
 @partial_dispatcher.register("triton")
 def _triton_partial(logits, eligible, vocab_start, temperature, score, tempered_score, banned, seed, offset):
-    from ..triton_kernels.logits_to_confidence import logits_to_confidence as launch
-
-    rows = rows_view(logits)
-    rows_eligible = None if eligible is None else eligible.reshape(rows.shape[:2])
-    states = launch(
-        rows, rows_eligible, banned, temperature, score, tempered_score, seed, offset, vocab_start=vocab_start
+    options = (banned, temperature, score, tempered_score, seed, offset)
+    return _triton_launch(logits, eligible, *options, vocab_start=vocab_start).view(
+        *logits.shape[:-1], STATE_FIELDS
     )
-    return states.view(*logits.shape[:-1], STATE_FIELDS)
 
 
 @merge_dispatcher.register("triton")
