@@ -53,3 +53,31 @@ def assert_mostly_equal(actual: torch.Tensor, expected: torch.Tensor, max_disagr
     bad = int((actual != expected).sum())
     allowed = math.floor(max_disagree * n) + (1 if max_disagree > 0 else 0)
     assert bad <= allowed, f"{msg}: {bad} of {n} entries differ (allowed {allowed})"
+
+
+def run_cuda_emulation(suite: str, part: int, parts: int, *replace: tuple[str, str], timeout: float = 600):
+    """Runs csrc/cuda/<suite's kernel>.cu under the host emulation (tests/cuda_emulation) on a fresh seed,
+    in its own process: (exit code, report). ``replace``: (old, new) edits of the kernel source first."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("g++") is None:
+        pytest.skip("the CUDA host emulation needs g++")
+    seed = int(torch.randint(0, 2**31, ()))
+    harness = os.path.join(os.path.dirname(__file__), "cuda_emulation", "harness.py")
+    command = [
+        sys.executable,
+        harness,
+        suite,
+        "--seed",
+        str(seed),
+        "--part",
+        str(part),
+        "--parts",
+        str(parts),
+    ]
+    for old, new in replace:
+        command += ["--replace", old, new]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, f"seed {seed}:\n" + (done.stdout + done.stderr).strip()

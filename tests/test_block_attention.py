@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, run_cuda_emulation
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -421,3 +421,12 @@ def test_nan_query_gives_the_same_lse_everywhere(device):
         assert torch.isnan(lse[0, 1, 2]) and torch.isnan(out[0, 2, 1]).all(), backend
         assert torch.isnan(lse).sum() == 1 and torch.isnan(out).sum() == out.shape[-1], backend
         assert (lse[1] == -math.inf).all() and (out[1] == 0).all(), backend
+
+
+@pytest.mark.parametrize("part", range(4))
+def test_cuda_kernel_under_host_emulation(part, summary):
+    """csrc/cuda/block_attention.cu, compiled for the host with its PTX emulated (tests/cuda_emulation): every
+    visibility regime, head dim, dtype, GQA group, split count and the fused write against the reference."""
+    code, report = run_cuda_emulation("block_attention", part, 4)
+    assert code == 0, report
+    summary(f"block_attention CUDA emulation, part {part}", report.splitlines()[-1])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close, python
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, python, run_cuda_emulation
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -358,3 +358,12 @@ def test_bad_input_messages(case):
     message = str(info.value)
     assert message.startswith(f"dllm::{op}: "), message
     assert fragment in message, message
+
+
+@pytest.mark.parametrize("part", range(2))
+def test_cuda_kernel_under_host_emulation(part, summary):
+    """csrc/cuda/sparse24_mm.cu compiled for the host with its PTX emulated (tests/cuda_emulation): every tile
+    shape, split, load path and dtype against the reference."""
+    code, report = run_cuda_emulation("sparse24_mm", part, 2)
+    assert code == 0, report
+    summary("sparse24_mm CUDA emulation", report.splitlines()[-1])

@@ -12,6 +12,7 @@
 namespace dllm {
 
 DLLM_HD DLLM_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+DLLM_HD DLLM_INLINE int64_t max_i64(int64_t a, int64_t b) { return a < b ? b : a; }
 DLLM_HD DLLM_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A 1-D grid of `blocks` CTAs, capped at what gridDim.x holds (the kernels stride over the rest).

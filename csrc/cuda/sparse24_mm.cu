@@ -60,6 +60,7 @@
 
 #include "common/sparse24_mm.h"
 #include "cuda/launch.cuh"
+#include "cuda/ptx.cuh"
 
 namespace dllm {
 namespace {
@@ -82,36 +83,6 @@ constexpr int64_t kMaxSplits = 64;
 constexpr int kReduceThreads = 256;
 constexpr int kF32Rows = 8;  // rows of x per warp in the fp32 kernel
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// ---- PTX wrappers (the host emulation of tests replaces this region) ----
-template <bool kBf16, int kSel>
-__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
-                                             uint32_t e) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(kSel));
-  } else {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(kSel));
-  }
-}
-
-// 8 bytes global -> shared, asynchronous until cp_async_wait_all.
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-// ---- end of PTX wrappers ----
 
 struct F16 {
   static constexpr bool kBf16 = false;
@@ -216,7 +187,7 @@ __device__ __forceinline__ void mma_step(const uint4 (&v)[2], uint32_t e, const 
   for (int nt = 0; nt < NT; ++nt) {
     const uint32_t* xn = xl + nt * 8 * kXsPitch + 4 * S;
     const uint32_t b[4] = {xn[0], xn[8], xn[2], xn[10]};  // chunks 8h + 2S + {0, 4, 1, 5}
-    mma_sp_16832<Tr::kBf16, S>(acc[nt], a, b, e);
+    ptx::mma_sp_16832<Tr::kBf16, S>(acc[nt], a, b, e);
   }
 }
 
@@ -233,7 +204,7 @@ __device__ __forceinline__ void stage_x(const DllmSparse24Params& p, bool vec_x,
     if (m < p.m && k < k_end) {
       const uint16_t* src = x + m * p.x_stride + k;
       if (vec_x) {
-        cp_async8(dst, src);
+        ptx::cp_async8(dst, src);
       } else {
         *reinterpret_cast<uint2*>(dst) = make_uint2(uint32_t{__ldg(src)} | uint32_t{__ldg(src + 1)} << 16,
                                                     uint32_t{__ldg(src + 2)} | uint32_t{__ldg(src + 3)} << 16);
@@ -289,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<NT>)
       }
       __syncthreads();  // every warp is done with the previous stage of x
       stage_x<Tr, MT>(p, plan.vec_x, m0, ks, k_end, xs);
-      cp_async_wait_all();
+      ptx::cp_async_wait_all();
       __syncthreads();
       if (active) {
         uint32_t e[4];

@@ -1,0 +1,81 @@
+"""csrc/cuda/sparse24_mm.cu under the host emulation: every tile shape (n-tiles 1..8), split and unsplit K,
+vector and element loads, strided x, bias, fp16 / bf16 / fp32, against reference.sparse24."""
+
+import ctypes
+
+import torch
+from harness import pointer
+from helpers import assert_close
+
+from dllm_kernels.reference import sparse24 as reference
+
+KERNEL = "sparse24_mm"
+PARAMS_TYPE = "DllmSparse24Params"
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class Params(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("x_stride", ctypes.c_int64),
+        ("values", ctypes.c_void_p),
+        ("meta", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("dtype", ctypes.c_int),
+        ("x_dtype", ctypes.c_int),
+    ]
+
+
+def cases(generator):
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (), generator=generator))]
+
+    # Every M class (1, 2, 4, 8 n-tiles and several m-tiles), K that splits or not, with and without a
+    # 64-multiple (vector loads), N that ends inside a warp's 16 rows.
+    for m in (1, 5, 8, 9, 16, 19, 33, 64, 99):
+        for k in (16, 48, 64, 272, 1024):
+            for _ in range(3):
+                yield dict(
+                    m=m,
+                    n=pick([1, 17, 64, 100, 130]),
+                    k=k,
+                    dtype=pick([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32]),
+                    bias=pick([False, True]),
+                    x_pad=pick([0, 0, 4, 3]),  # extra row stride: 3 breaks the 8-byte cp.async of x
+                )
+
+
+def run(lib, memory, case):
+    m, n, k, dtype = case["m"], case["n"], case["k"], case["dtype"]
+    weight = torch.randn(n, k).to(dtype)
+    values, meta = reference.compress_24(weight, reference.prune_24(weight))
+    x_rows = memory.copy(torch.randn(m, k + case["x_pad"]).to(dtype))
+    x = x_rows[:, :k]
+    values, meta = memory.copy(values), memory.copy(meta)
+    bias = memory.copy(torch.randn(n).to(dtype)) if case["bias"] else None
+    out = memory.empty((m, n), dtype)
+    code = DTYPES[dtype]
+    params = Params(
+        pointer(x),
+        m,
+        k,
+        x.stride(0),
+        pointer(values),
+        pointer(meta),
+        n,
+        pointer(bias),
+        pointer(out),
+        code,
+        code,
+    )
+    lib.dllm_sparse24_mm_cuda_workspace.restype = ctypes.c_size_t
+    workspace_bytes = lib.dllm_sparse24_mm_cuda_workspace(ctypes.byref(params))
+    workspace = memory.empty((workspace_bytes,), torch.uint8) if workspace_bytes else None
+    err = lib.dllm_sparse24_mm_cuda(ctypes.byref(params), ctypes.c_void_p(pointer(workspace)), None)
+    assert err == 0, f"launcher returned {err}"
+    expected = reference.sparse24_mm(x, values, meta, bias)
+    assert_close(out, expected, reduction=k // 2)
