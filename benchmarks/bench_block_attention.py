@@ -96,24 +96,25 @@ def make_case(
 
 def cases(device, quick):
     if device.type == "cuda":
-        out = [
-            make_case(device, torch.bfloat16, "prefill", 2048, 2048, 0, 32, head_dim=128, flex=True),
-            make_case(
-                device,
-                torch.bfloat16,
-                "dual-cache decode",
-                32,
-                4096,
-                2048,
-                0,
-                head_dim=128,
-                rows=8,
-                flex=True,
-            ),
-        ]
-        if not quick:
-            out.insert(
-                1, make_case(device, torch.bfloat16, "prefill", 8192, 8192, 0, 32, head_dim=128, flex=True)
+        # The goals: block-causal prefill at L = 4096 (beside FlexAttention and SDPA with a dense
+        # mask) and dual-cache decode of a 32-token block over 4k-32k caches (split KV on the CUDA kernel).
+        bf16 = torch.bfloat16
+        out = [make_case(device, bf16, "prefill", 4096, 4096, 0, 32, heads=(28, 4), head_dim=128, flex=True)]
+        decode = [(4096, 8), (32768, 1)] if quick else [(4096, 8), (16384, 2), (32768, 1)]
+        for kv_len, rows in decode:
+            out.append(
+                make_case(
+                    device,
+                    bf16,
+                    "dual-cache decode",
+                    32,
+                    kv_len,
+                    kv_len // 2,
+                    0,
+                    head_dim=128,
+                    rows=rows,
+                    flex=True,
+                )
             )
         return out
     out = [make_case(device, torch.float32, "prefill", 1024, 1024, 0, 32)]

@@ -2,10 +2,18 @@
 // call of torch's CPU flash kernel over exactly that prefix, so invisible key blocks are never touched and
 // no mask is built; the GQA group is folded into the query axis, so each KV head is read once for all its
 // query heads. Registered for the CPU dispatch key like the other ops (fast_path.h).
+#include <cmath>
 #include <limits>
 
+#include "common/block_attention.h"
 #include "torch/bindings.h"
 #include "torch/fast_path.h"
+
+#ifdef DLLM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
 
 namespace dllm::bindings {
 namespace {
@@ -13,6 +21,57 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kOp = "block_attention";
+
+#ifdef DLLM_WITH_CUDA
+// The CUDA kernel (csrc/cuda/block_attention.cu; Python has checked the arguments and that the kernel takes
+// them: fp16 / bf16, D 64 or 128, 16-byte aligned rows). No host sync: q_start / kv_len stay on the device.
+std::tuple<Tensor, Tensor> run_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                    const Tensor& q_start, const Tensor& kv_len, const std::optional<Tensor>& k_new,
+                                    const std::optional<Tensor>& v_new, int64_t block_size,
+                                    std::optional<double> scale, bool return_lse) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t head_dim = q.size(3);
+  const Tensor out = at::empty(q.sizes(), q.options());
+  const Tensor lse = at::empty({return_lse ? q.size(0) : 0, return_lse ? q.size(2) : 0, return_lse ? q.size(1) : 0},
+                               q.options().dtype(at::kFloat));
+  const Tensor starts = q_start.contiguous(), lengths = kv_len.contiguous();
+  const auto strides = [](const std::optional<Tensor>& t, int64_t (&out)[3]) {
+    for (int i = 0; i < 3; ++i) out[i] = t ? t->stride(i) : 0;
+  };
+  DllmBlockAttentionParams p{};
+  p.q = q.data_ptr();
+  strides(q, p.q_stride);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  strides(k_cache, p.k_stride);
+  strides(v_cache, p.v_stride);
+  p.k_new = k_new ? k_new->data_ptr() : nullptr;
+  p.v_new = v_new ? v_new->data_ptr() : nullptr;
+  strides(k_new, p.k_new_stride);
+  strides(v_new, p.v_new_stride);
+  p.q_start = starts.data_ptr<int32_t>();
+  p.kv_len = lengths.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.batch = q.size(0);
+  p.n_queries = q.size(1);
+  p.s_max = k_cache.size(1);
+  p.n_heads = q.size(2);
+  p.n_kv_heads = k_cache.size(2);
+  p.head_dim = head_dim;
+  p.block_size = block_size;
+  p.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  p.dtype = dtype_code(q, kOp);
+  p.num_splits = 0;
+  const size_t bytes = dllm_block_attention_cuda_workspace(&p);
+  const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+  const int err = dllm_block_attention_cuda(&p, bytes ? workspace.data_ptr() : nullptr,
+                                            c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == 0, "dllm::block_attention: CUDA launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return {out, return_lse ? lse : lse.view({0})};
+}
+#endif
 
 // The kernel (arguments and values checked: by Python, or by accepts below). q_start / kv_len are read on
 // the host: this backend runs CPU tensors only.
@@ -122,8 +181,11 @@ std::tuple<Tensor, Tensor> op(const Tensor& q, Tensor& k_cache, Tensor& v_cache,
 }  // namespace
 
 void register_block_attention(pybind11::module_& m) {
-  // The cpu provider (Python has chosen and checked): the same code behind use_backend("cpu").
+  // The cpu and cuda providers (Python has chosen and checked): the same code behind use_backend.
   m.def("block_attention_run", &run);
+#ifdef DLLM_WITH_CUDA
+  m.def("block_attention_cuda_run", &run_cuda);
+#endif
 }
 
 }  // namespace dllm::bindings

@@ -162,6 +162,29 @@ def _cpu(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, 
     )
 
 
+def _cuda_supports(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, *options):
+    """The CUDA kernel takes fp16 / bf16 at head dims 64 and 128 with 16-byte aligned rows (cp.async and
+    ldmatrix move 16 bytes); anything else falls through to Triton."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"cuda runs fp16 and bf16; got {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"cuda runs head dims 64 and 128; got {q.shape[-1]}"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        if t is not None and (t.data_ptr() % 16 or any(stride % 8 for stride in t.stride()[:3])):
+            return f"cuda needs 16-byte aligned rows; {name} has strides {list(t.stride())}"
+    if k_cache.shape[2] > 65535:
+        return f"cuda runs up to 65535 KV heads; got {k_cache.shape[2]}"
+    return None
+
+
+@dispatcher.register("cuda", supports=_cuda_supports)
+def _cuda(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
+    """csrc/cuda/block_attention.cu: FlashAttention-2 on mma.sync, split-KV for decode shapes."""
+    return _extension._C.block_attention_cuda_run(
+        q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
+    )
+
+
 def _triton_supports(q, *args):
     if q.shape[-1] not in (64, 96, 128, 256):
         return f"triton runs head dims 64, 96, 128, 256; got {q.shape[-1]}"
