@@ -37,6 +37,11 @@ DEFECTS = {
         "ptx::cp_async_wait<2>();  // all but",
     ),
     "metadata of the wrong block": ("sparse24_mm", "const int r = t ^ b;", "const int r = b;"),
+    "armor_linear's wrap_out block misplaced": (
+        "sparse24_mm",
+        "const float* zc = z + (row - within) * cols + col;",
+        "const float* zc = z + row * cols + col;",
+    ),
 }
 
 

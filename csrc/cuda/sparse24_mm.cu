@@ -85,16 +85,30 @@ constexpr int kF32Rows = 8;  // rows of x per warp in the fp32 kernel
 constexpr unsigned kFullMask = 0xffffffffu;
 
 struct F16 {
+  using Storage = uint16_t;
   static constexpr bool kBf16 = false;
   static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
   static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
 };
 struct BF16 {
+  using Storage = uint16_t;
   static constexpr bool kBf16 = true;
   static __device__ __forceinline__ float to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
   static __device__ __forceinline__ uint16_t from_float(float f) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
   }
+};
+
+struct F32 {
+  using Storage = float;
+  static __device__ __forceinline__ float to_float(float f) { return f; }
+  static __device__ __forceinline__ float from_float(float f) { return f; }
+};
+
+// armor_linear's wrap_out: blockdiag([size / bs, bs, bs] blocks) applied across N, or none (blocks NULL).
+struct Wrap {
+  const void* blocks;
+  int64_t bs;
 };
 
 // Launch geometry, derived from metadata only (make_plan), shared by the workspace query and the launch.
@@ -106,6 +120,7 @@ struct Plan {
   int n_tiles;          // NT: instruction n-tiles (8 rows of x each) per CTA
   bool vec_w;           // 16-byte value loads and 8-byte meta loads (K % 64 == 0, aligned pointers)
   bool vec_x;           // 8-byte cp.async of x (aligned rows)
+  bool partial_out;     // write fp32 partials to the workspace even unsplit (a wrap_out too wide to fuse)
 };
 
 // A lane's weight rows g and g+8 (nullptr past N): value pointers advanced to its segment u(t), meta
@@ -215,11 +230,37 @@ __device__ __forceinline__ void stage_x(const DllmSparse24Params& p, bool vec_x,
   }
 }
 
+// out[m, n] = sum_j wrap[n / bs, n % bs, j] * z[(n - n % bs + j), m] + bias[n] for the CTA's 64 rows of N
+// starting at n_base (a multiple of bs) and `cols` outputs m starting at m_base; z: [64][cols] fp32 in
+// shared memory. Consecutive threads take consecutive n (coalesced stores of out [M, N]).
+template <class Tr>
+__device__ __forceinline__ void wrap_out_tile(const DllmSparse24Params& p, const Wrap& wrap, const float* z,
+                                              int cols, int64_t n_base, int64_t m_base, int64_t m_end) {
+  const auto* blocks = static_cast<const typename Tr::Storage*>(wrap.blocks);
+  const auto* bias = static_cast<const typename Tr::Storage*>(p.bias);
+  for (int i = threadIdx.x; i < kRowsPerCta * cols; i += kThreads) {
+    const int row = i % kRowsPerCta, col = i / kRowsPerCta;
+    const int64_t n = n_base + row, m = m_base + col;
+    if (n >= p.n || m >= m_end) continue;
+    const int within = static_cast<int>(n % wrap.bs);
+    const auto* a = blocks + n * wrap.bs;  // row `within` of block n / bs: [bs] contiguous
+    const float* zc = z + (row - within) * cols + col;
+    float sum = 0.f;
+    for (int j = 0; j < wrap.bs; ++j) sum = fmaf(Tr::to_float(a[j]), zc[j * cols], sum);
+    if (bias != nullptr) sum += Tr::to_float(bias[n]);
+    static_cast<typename Tr::Storage*>(p.out)[m * p.n + n] = Tr::from_float(sum);
+  }
+}
+
 // Grid: (n_blocks, min(m_tiles, 65535), splits); CTA (n, m-tile, split) covers weight rows
 // [64 n, 64 n + 64), rows of x [MT m, MT m + MT) and columns [split * k_per_split, ...) of K.
-template <class Tr, int NT, bool kVecW>
+// kArmor (armor_linear): x holds each input row twice, as the hi and lo 16-bit parts of its fp32 value
+// (rows 2m, 2m + 1), so the two accumulator columns a lane holds (2t, 2t + 1) add up to output row m in
+// the lane itself; then blockdiag(wrap_out) across N (a wrap block never crosses the CTA's 64 rows: bs
+// divides 64), bias and the store, through shared memory.
+template <class Tr, int NT, bool kVecW, bool kArmor>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<NT>)
-    mma_kernel(const DllmSparse24Params p, const Plan plan, float* __restrict__ partial) {
+    mma_kernel(const DllmSparse24Params p, const Plan plan, const Wrap wrap, float* __restrict__ partial) {
   constexpr int MT = 8 * NT;
   __shared__ __align__(16) uint32_t xs[MT * kXsPitch];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -277,6 +318,35 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<NT>)
       }
     }
 
+    if constexpr (kArmor) {
+      const int64_t m_out = p.m / 2;
+      if (plan.splits > 1 || plan.partial_out) {  // the sums of the pairs; wrap_reduce_kernel does the rest
+        if (!active) continue;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int64_t n = n0 + g + 8 * i;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int64_t m = m0 / 2 + nt * 4 + t;
+            if (n < p.n && m < m_out) partial[(split * m_out + m) * p.n + n] = acc[nt][2 * i] + acc[nt][2 * i + 1];
+          }
+        }
+        continue;
+      }
+      constexpr int kCols = MT / 2;  // output rows of the tile
+      float* z = reinterpret_cast<float*>(xs);  // [64][kCols]: xs is free once every warp is past its mma
+      __syncthreads();
+      if (active) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            z[(warp * kRowsPerWarp + g + 8 * i) * kCols + nt * 4 + t] = acc[nt][2 * i] + acc[nt][2 * i + 1];
+      }
+      __syncthreads();
+      wrap_out_tile<Tr>(p, wrap, z, kCols, static_cast<int64_t>(blockIdx.x) * kRowsPerCta, m0 / 2, m_out);
+      continue;  // the next tile's first barrier waits for every warp to be done with z
+    }
     if (!active) continue;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -378,39 +448,163 @@ Plan make_plan(const DllmSparse24Params& p, int sms) {
   return plan;
 }
 
-template <class Tr, int NT>
-cudaError_t launch_mma(const DllmSparse24Params& p, const Plan& plan, float* partial, cudaStream_t stream) {
+// out = blockdiag(wrap) . (sum of the splits' partials, in split order) + bias, for armor_linear when
+// wrap_out is not fused into mma_kernel (split K, a block wider than 64, fp32). Grid: (N / 256 chunks,
+// rows of out strided past 65535); a chunk holds whole wrap blocks (bs divides 256).
+template <class Tr>
+__global__ void __launch_bounds__(kReduceThreads)
+    wrap_reduce_kernel(const DllmSparse24Params p, int64_t splits, const float* __restrict__ partial, const Wrap wrap) {
+  __shared__ float z[kReduceThreads];
+  const auto* blocks = static_cast<const typename Tr::Storage*>(wrap.blocks);
+  const auto* bias = static_cast<const typename Tr::Storage*>(p.bias);
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
+  for (int64_t m = blockIdx.y; m < p.m; m += gridDim.y) {
+    float s = 0.f;
+    if (n < p.n)
+      for (int64_t sp = 0; sp < splits; ++sp) s += partial[(sp * p.m + m) * p.n + n];
+    __syncthreads();  // the previous row's z is read
+    z[threadIdx.x] = s;
+    __syncthreads();
+    if (n >= p.n) continue;
+    const int within = static_cast<int>(n % wrap.bs);
+    const auto* a = blocks + n * wrap.bs;
+    float sum = 0.f;
+    for (int j = 0; j < wrap.bs; ++j) sum = fmaf(Tr::to_float(a[j]), z[threadIdx.x - within + j], sum);
+    if (bias != nullptr) sum += Tr::to_float(bias[n]);
+    static_cast<typename Tr::Storage*>(p.out)[m * p.n + n] = Tr::from_float(sum);
+  }
+}
+
+// inner = blockdiag(wrap_in) . x per row of x, in fp32. kHiLo: stored as the rows 2m (hi) and 2m + 1 (lo)
+// of a 16-bit [2M, K] matrix with hi = round(v), lo = round(v - hi) (0 when v is not finite, so that inf
+// stays inf); else as fp32 [M, K].
+template <class Tr, bool kHiLo>
+__global__ void __launch_bounds__(kReduceThreads) wrap_in_kernel(const DllmSparse24Params p, const Wrap wrap, void* inner) {
+  const auto* x = static_cast<const typename Tr::Storage*>(p.x);
+  const auto* blocks = static_cast<const typename Tr::Storage*>(wrap.blocks);
+  const int64_t total = p.m * p.k;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kReduceThreads) {
+    const int64_t row = i / p.k, col = i % p.k;
+    const int64_t within = col % wrap.bs;
+    const auto* a = blocks + col * wrap.bs;
+    const auto* xr = x + row * p.x_stride + col - within;
+    float v = 0.f;
+    for (int64_t j = 0; j < wrap.bs; ++j) v = fmaf(Tr::to_float(a[j]), Tr::to_float(xr[j]), v);
+    if constexpr (kHiLo) {
+      const uint16_t hi = Tr::from_float(v);
+      const float rest = v - Tr::to_float(hi);
+      auto* out = static_cast<uint16_t*>(inner);
+      out[2 * row * p.k + col] = hi;
+      out[(2 * row + 1) * p.k + col] = Tr::from_float(isfinite(rest) ? rest : 0.f);
+    } else {
+      static_cast<float*>(inner)[i] = v;
+    }
+  }
+}
+
+template <class Tr, int NT, bool kArmor>
+cudaError_t launch_mma(const DllmSparse24Params& p, const Plan& plan, const Wrap& wrap, float* partial,
+                       cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.n_blocks), static_cast<unsigned>(min_i64(plan.m_tiles, 65535)),
                   static_cast<unsigned>(plan.splits));
   if (plan.vec_w) {
-    mma_kernel<Tr, NT, true><<<grid, kThreads, 0, stream>>>(p, plan, partial);
+    mma_kernel<Tr, NT, true, kArmor><<<grid, kThreads, 0, stream>>>(p, plan, wrap, partial);
   } else {
-    mma_kernel<Tr, NT, false><<<grid, kThreads, 0, stream>>>(p, plan, partial);
+    mma_kernel<Tr, NT, false, kArmor><<<grid, kThreads, 0, stream>>>(p, plan, wrap, partial);
   }
   return cudaGetLastError();
+}
+
+template <class Tr, bool kArmor>
+cudaError_t launch_products(const DllmSparse24Params& p, const Plan& plan, const Wrap& wrap, float* partial,
+                            cudaStream_t stream) {
+  switch (plan.n_tiles) {
+    case 1:
+      return launch_mma<Tr, 1, kArmor>(p, plan, wrap, partial, stream);
+    case 2:
+      return launch_mma<Tr, 2, kArmor>(p, plan, wrap, partial, stream);
+    case 4:
+      return launch_mma<Tr, 4, kArmor>(p, plan, wrap, partial, stream);
+    default:
+      return launch_mma<Tr, 8, kArmor>(p, plan, wrap, partial, stream);
+  }
 }
 
 template <class Tr>
 cudaError_t launch_typed(const DllmSparse24Params& p, const Plan& plan, float* partial, int sms,
                          cudaStream_t stream) {
-  cudaError_t err;
-  switch (plan.n_tiles) {
-    case 1:
-      err = launch_mma<Tr, 1>(p, plan, partial, stream);
-      break;
-    case 2:
-      err = launch_mma<Tr, 2>(p, plan, partial, stream);
-      break;
-    case 4:
-      err = launch_mma<Tr, 4>(p, plan, partial, stream);
-      break;
-    default:
-      err = launch_mma<Tr, 8>(p, plan, partial, stream);
-      break;
-  }
+  const cudaError_t err = launch_products<Tr, false>(p, plan, Wrap{nullptr, 0}, partial, stream);
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t blocks = min_i64(ceil_div(p.m * p.n, kReduceThreads), static_cast<int64_t>(8) * sms);
   reduce_kernel<Tr><<<grid_size(blocks), kReduceThreads, 0, stream>>>(p, plan.splits, partial);
+  return cudaGetLastError();
+}
+
+// armor_linear's workspace: the wrapped input (16-bit hi / lo rows, or fp32), then the fp32 partial sums
+// when wrap_out is applied by wrap_reduce_kernel. Offsets in bytes, 256-aligned.
+struct ArmorLayout {
+  DllmSparse24Params inner;  // the sparse product's parameters: x = the wrapped input
+  Plan plan;                 // its geometry (16-bit only)
+  size_t inner_bytes, partial_offset, partial_bytes;
+};
+
+constexpr size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+ArmorLayout armor_layout(const DllmArmorParams& a, void* workspace, int sms) {
+  const DllmSparse24Params& p = a.mm;
+  ArmorLayout l{};
+  l.inner = p;
+  l.inner.x = workspace;
+  l.inner.x_stride = p.k;
+  const bool fp32 = p.dtype == DLLM_FLOAT32;
+  l.inner_bytes = align256(static_cast<size_t>(p.m * p.k) * (fp32 ? sizeof(float) : 2 * sizeof(uint16_t)));
+  l.partial_offset = l.inner_bytes;
+  if (fp32) {
+    l.inner.bias = nullptr;  // added by wrap_reduce_kernel, after wrap_out
+    l.partial_bytes = static_cast<size_t>(p.m * p.n) * sizeof(float);
+    return l;
+  }
+  l.inner.m = 2 * p.m;
+  l.plan = make_plan(l.inner, sms);
+  l.plan.partial_out = a.wrap_out_bs > kRowsPerCta;
+  if (l.plan.splits > 1 || l.plan.partial_out)
+    l.partial_bytes = static_cast<size_t>(l.plan.splits * p.m * p.n) * sizeof(float);
+  return l;
+}
+
+bool armor_supported(const DllmArmorParams& a) {
+  const DllmSparse24Params& p = a.mm;
+  const int64_t bo = a.wrap_out_bs;
+  return p.m >= 0 && p.n >= 0 && p.k >= 0 && p.k % 16 == 0 && p.x_dtype == p.dtype && a.wrap_in_bs > 0 &&
+         p.k % a.wrap_in_bs == 0 && bo > 0 && (bo & (bo - 1)) == 0 && bo <= kReduceThreads && p.n % bo == 0;
+}
+
+template <class Tr>
+cudaError_t armor_typed(const DllmArmorParams& a, const ArmorLayout& l, void* workspace, int sms, cudaStream_t stream) {
+  const DllmSparse24Params& p = a.mm;
+  const Wrap wrap_in{a.wrap_in, a.wrap_in_bs}, wrap_out{a.wrap_out, a.wrap_out_bs};
+  constexpr bool kFp32 = sizeof(typename Tr::Storage) == 4;
+  if (p.k > 0) {
+    const int64_t blocks = min_i64(ceil_div(p.m * p.k, kReduceThreads), static_cast<int64_t>(8) * sms);
+    wrap_in_kernel<Tr, !kFp32><<<grid_size(blocks), kReduceThreads, 0, stream>>>(p, wrap_in, workspace);
+    if (const cudaError_t err = cudaGetLastError()) return err;
+  }
+  float* partial = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + l.partial_offset);
+  int64_t splits = 1;
+  if constexpr (kFp32) {
+    DllmSparse24Params inner = l.inner;
+    inner.out = partial;
+    const int64_t blocks = min_i64(ceil_div(p.n * ceil_div(p.m, kF32Rows), kWarps), static_cast<int64_t>(64) * sms);
+    fp32_kernel<<<grid_size(blocks), kThreads, 0, stream>>>(inner);
+  } else {
+    if (const cudaError_t err = launch_products<Tr, true>(l.inner, l.plan, wrap_out, partial, stream)) return err;
+    if (l.partial_bytes == 0) return cudaSuccess;  // wrap_out and bias fused into the product
+    splits = l.plan.splits;
+  }
+  if (const cudaError_t err = cudaGetLastError()) return err;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kReduceThreads)), static_cast<unsigned>(min_i64(p.m, 65535)));
+  wrap_reduce_kernel<Tr><<<grid, kReduceThreads, 0, stream>>>(p, splits, partial, wrap_out);
   return cudaGetLastError();
 }
 
@@ -447,6 +641,35 @@ extern "C" int dllm_sparse24_mm_cuda(const DllmSparse24Params* params, void* wor
       return launch_typed<F16>(p, plan, partial, sms, stream);
     case DLLM_BFLOAT16:
       return launch_typed<BF16>(p, plan, partial, sms, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" size_t dllm_armor_linear_cuda_workspace(const DllmArmorParams* params) {
+  using namespace dllm;
+  int sms = 0;
+  if (!armor_supported(*params) || sm_count(&sms) != cudaSuccess) return 0;
+  const ArmorLayout l = armor_layout(*params, nullptr, sms);
+  return l.partial_offset + l.partial_bytes;
+}
+
+extern "C" int dllm_armor_linear_cuda(const DllmArmorParams* params, void* workspace, cudaStream_t stream) {
+  using namespace dllm;
+  const DllmArmorParams& a = *params;
+  if (!armor_supported(a)) return cudaErrorInvalidValue;
+  if (a.mm.m == 0 || a.mm.n == 0) return cudaSuccess;
+  int sms = 0;
+  if (const cudaError_t err = sm_count(&sms)) return err;
+  const ArmorLayout l = armor_layout(a, workspace, sms);
+  if (workspace == nullptr || l.plan.n_blocks > INT_MAX) return cudaErrorInvalidValue;
+  switch (a.mm.dtype) {
+    case DLLM_FLOAT32:
+      return armor_typed<F32>(a, l, workspace, sms, stream);
+    case DLLM_FLOAT16:
+      return armor_typed<F16>(a, l, workspace, sms, stream);
+    case DLLM_BFLOAT16:
+      return armor_typed<BF16>(a, l, workspace, sms, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -89,6 +89,33 @@ Tensor block_diagonal_apply(const Tensor& blocks, const Tensor& v) {
   return at::bmm(by_block, blocks.to(at::kFloat).transpose(1, 2)).transpose(0, 1).reshape({rows, n_blocks * size});
 }
 
+#ifdef DLLM_WITH_CUDA
+// armor_linear on CUDA (csrc/cuda/sparse24_mm.cu): wrap_in kernel, the mma.sp product with wrap_out fused in
+// its epilogue (or applied after a split K), all on the current stream into one workspace.
+Tensor armor_cuda_run(const Tensor& x, const Tensor& wrap_in, const Tensor& values, const Tensor& meta,
+                      const Tensor& wrap_out, const std::optional<Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor x2d = x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), x.size(-1)});
+  if (x2d.stride(1) != 1 && x2d.size(1) > 1) x2d = x2d.contiguous();
+  const Tensor values_c = values.contiguous(), meta_c = meta.contiguous();
+  const Tensor wrap_in_c = wrap_in.contiguous(), wrap_out_c = wrap_out.contiguous();
+  Sparse24Launch launch(x2d, values_c, meta_c, bias ? bias->contiguous() : Tensor());
+  auto shape = x.sizes().vec();
+  shape.back() = values.size(0);
+  const DllmArmorParams params{launch.params, wrap_in_c.data_ptr(), wrap_in_c.size(1), wrap_out_c.data_ptr(),
+                               wrap_out_c.size(1)};
+  if (launch.out.numel() == 0) return launch.out.view(shape);
+  const size_t bytes = dllm_armor_linear_cuda_workspace(&params);
+  const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  const int err = dllm_armor_linear_cuda(&params, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == 0, "dllm::armor_linear: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return launch.out.view(shape);
+}
+
+// A wrap_out block size the CUDA kernel takes: a power of two up to 256.
+bool cuda_wrap_out(int64_t bs) { return bs > 0 && (bs & (bs - 1)) == 0 && bs <= 256; }
+#endif
+
 // armor_linear on the CPU: the reference's fp32 composition (dllm_kernels/reference/sparse24.py) with the
 // sparse kernel on the fp32 inner product (it takes an fp32 x beside a 16-bit weight: nothing is rounded
 // between the three products).
@@ -119,12 +146,16 @@ Tensor op(const Tensor& x, const Tensor& values, const Tensor& meta, const std::
   return python_impl(kOp, py::make_tuple(x, values, meta, bias), py::dict()).cast<Tensor>();
 }
 
-// armor_linear's kernel for the CPU dispatch key (its CUDA tensors go to Python, which picks Triton).
+// armor_linear's kernel for the CPU and CUDA dispatch keys.
 Tensor armor_op(const Tensor& x, const Tensor& wrap_in, const Tensor& values, const Tensor& meta,
                 const Tensor& wrap_out, const std::optional<Tensor>& bias) {
-  if (fast_path_enabled() && x.is_cpu() && accepts(x, values, meta, bias) &&
-      is_wrap(wrap_in, 2 * values.size(1), x) && is_wrap(wrap_out, values.size(0), x))
-    return armor_run(x, wrap_in, values, meta, wrap_out, bias);
+  if (fast_path_enabled() && accepts(x, values, meta, bias) && is_wrap(wrap_in, 2 * values.size(1), x) &&
+      is_wrap(wrap_out, values.size(0), x)) {
+    if (x.is_cpu()) return armor_run(x, wrap_in, values, meta, wrap_out, bias);
+#ifdef DLLM_WITH_CUDA
+    if (x.is_cuda() && cuda_wrap_out(wrap_out.size(1))) return armor_cuda_run(x, wrap_in, values, meta, wrap_out, bias);
+#endif
+  }
   namespace py = pybind11;
   const py::gil_scoped_acquire gil;
   return python_impl("armor_linear", py::make_tuple(x, wrap_in, values, meta, wrap_out, bias), py::dict())
@@ -137,6 +168,9 @@ void register_sparse24_mm(pybind11::module_& m) {
   // The cpu and cuda providers (Python has chosen and checked): the same kernels behind use_backend.
   m.def("sparse24_mm_run", &run);
   m.def("armor_linear_run", &armor_run);
+#ifdef DLLM_WITH_CUDA
+  m.def("armor_linear_cuda_run", &armor_cuda_run);
+#endif
 }
 
 }  // namespace dllm::bindings
@@ -146,5 +180,8 @@ TORCH_LIBRARY_IMPL(dllm, CPU, m) {
   m.impl("armor_linear", TORCH_FN(dllm::bindings::armor_op));
 }
 #ifdef DLLM_WITH_CUDA
-TORCH_LIBRARY_IMPL(dllm, CUDA, m) { m.impl("sparse24_mm", TORCH_FN(dllm::bindings::op)); }
+TORCH_LIBRARY_IMPL(dllm, CUDA, m) {
+  m.impl("sparse24_mm", TORCH_FN(dllm::bindings::op));
+  m.impl("armor_linear", TORCH_FN(dllm::bindings::armor_op));
+}
 #endif

@@ -256,6 +256,20 @@ def _cpu_armor(x, wrap_in, values, meta, wrap_out, bias=None):
     return _extension._C.armor_linear_run(x, wrap_in, values, meta, wrap_out, bias)
 
 
+def _cuda_armor_supports(x, wrap_in, values, meta, wrap_out, bias=None):
+    block = wrap_out.shape[1]
+    if block & (block - 1) or block > 256:
+        return f"cuda takes wrap_out blocks of a power of two up to 256; got {block}"
+    return None
+
+
+@dispatchers["armor_linear"].register("cuda", supports=_cuda_armor_supports)
+def _cuda_armor(x, wrap_in, values, meta, wrap_out, bias=None):
+    """csrc/cuda/sparse24_mm.cu: blockdiag(wrap_in) as hi + lo 16-bit rows, the mma.sp product with
+    blockdiag(wrap_out) and bias in its epilogue (after the split-K reduction when K is split)."""
+    return _extension._C.armor_linear_cuda_run(x, wrap_in, values, meta, wrap_out, bias)
+
+
 def _triton_armor_supports(x, wrap_in, values, meta, wrap_out, bias=None):
     from ..triton_kernels.sparse24_mm import fused_wrap_supported
 

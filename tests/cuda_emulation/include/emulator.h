@@ -33,6 +33,11 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
+// CUDA's device math lives in the global namespace.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
 struct uint3 {
   unsigned x, y, z;
 };
