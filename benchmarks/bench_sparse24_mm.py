@@ -64,12 +64,47 @@ def make_case(device, m, n, k, dtype):
     )
 
 
+def make_armor_case(device, m, n, k, block, dtype):
+    """armor_linear beside ARMOR's own three torch products and the dense product alone."""
+    weight = torch.randn(n, k, device=device).to(dtype)
+    values, meta = dllm_kernels.compress_24(weight)
+    dense = dllm_kernels.decompress_24(values, meta)
+    eye = torch.eye(block, device=device)
+    wrap_in = (eye + 0.1 * torch.randn(k // block, block, block, device=device)).to(dtype)
+    wrap_out = (eye + 0.1 * torch.randn(n // block, block, block, device=device)).to(dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    args = (x, wrap_in, values, meta, wrap_out)
+    ref = reference.armor_linear(*args)
+
+    def check(out):
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=5e-2)
+
+    def three_products():  # blocks applied as batched products: [G, bs, bs] x [G, bs, M]
+        inner = torch.bmm(wrap_in, x.T.reshape(k // block, block, m)).reshape(k, m).T
+        return torch.bmm(wrap_out, F.linear(inner, dense).T.reshape(n // block, block, m)).reshape(n, m).T
+
+    element = x.element_size()
+    return Case(
+        op="armor_linear",
+        label=f"M={m} N={n} K={k} blocks {block} {str(dtype).removeprefix('torch.')}",
+        run=lambda: dllm_kernels.armor_linear(*args),
+        check=check,
+        bytes=(n * k // 2 + (n + k) * block + m * k + m * n) * element + n * k // 16 * 2,
+        flops=2 * m * n * k,
+        backends=[b for b in dispatchers["armor_linear"].backends_for(device, *args) if b != "reference"],
+        baselines={"3 torch products": three_products, "dense F.linear": lambda: F.linear(x, dense)},
+        baseline_bytes={"dense F.linear": (n * k + m * k + m * n) * element},
+    )
+
+
 def cases(device, quick):
     if device.type == "cuda":
         shapes = [(m, n, 4096) for n in (4096, 11008) for m in (1, 16, 64, 2048)]
         if quick:
             shapes = [(1, 4096, 4096), (2048, 4096, 4096)]
-        return [make_case(device, m, n, k, torch.bfloat16) for m, n, k in shapes]
+        out = [make_case(device, m, n, k, torch.bfloat16) for m, n, k in shapes]
+        armor = [(1, 4096, 4096)] if quick else [(1, 4096, 4096), (16, 4096, 4096), (1, 11008, 4096)]
+        return out + [make_armor_case(device, m, n, k, 64, torch.bfloat16) for m, n, k in armor]
     out = [make_case(device, 1, 4096, 4096, torch.float32), make_case(device, 1, 4096, 4096, torch.bfloat16)]
     if not quick:
         out.append(make_case(device, 16, 4096, 4096, torch.float32))

@@ -423,6 +423,25 @@ def test_nan_query_gives_the_same_lse_everywhere(device):
         assert (lse[1] == -math.inf).all() and (out[1] == 0).all(), backend
 
 
+@pytest.mark.gpu
+def test_cuda_decode_over_a_long_cache_and_graph_replay():
+    """The CUDA kernel on a 32-token block over an 8k cache (split KV, merged by lse, beside the fused write),
+    then captured in a CUDA graph (no host sync in the call) and replayed on new queries."""
+    q, k_cache, v_cache, new = tensors("cuda", torch.bfloat16, 2, 32, 8192, heads=(28, 4), head_dim=128)
+    q_start, kv_len = int32([4096, 8160], "cuda"), int32([8192, 8192], "cuda")
+    check("cuda", q, k_cache, v_cache, q_start, kv_len, **new)
+    check("cuda", q, k_cache, v_cache, q_start, kv_len, block_size=32)
+    static_q = q.clone()
+    with use_backend("cuda"):
+        dllm_kernels.block_attention(static_q, k_cache, v_cache, q_start, kv_len)  # warm-up off the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = dllm_kernels.block_attention(static_q, k_cache, v_cache, q_start, kv_len)
+    static_q.copy_(torch.randn_like(static_q))
+    graph.replay()
+    assert_close(out, reference(static_q, k_cache, v_cache, q_start, kv_len)[0])
+
+
 @pytest.mark.parametrize("part", range(4))
 def test_cuda_kernel_under_host_emulation(part, summary):
     """csrc/cuda/block_attention.cu, compiled for the host with its PTX emulated (tests/cuda_emulation): every

@@ -74,15 +74,17 @@ def test_sparse24_mm_matches_reference(backend, device, dtype):
                 assert_close(got, reference.sparse24_mm(*args), reduction=k)
 
 
+@pytest.mark.parametrize("out_block", [32, 128], ids=lambda b: f"wrap_out {b}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_armor_linear_matches_reference(backend, device, dtype):
-    weight, mask, values, meta = pruned(64, 128, dtype, device)
+def test_armor_linear_matches_reference(backend, device, dtype, out_block):
+    """wrap_out fused into the product's epilogue (32) or applied after it (128 spans two CUDA tiles)."""
+    weight, mask, values, meta = pruned(128, 128, dtype, device)
     x = torch.randn(2, 5, 128, device=device).to(dtype)
     wrap_in = torch.randn(4, 32, 32, device=device).to(dtype) / 6
-    wrap_out = torch.randn(2, 32, 32, device=device).to(dtype) / 6
-    bias = torch.randn(64, device=device).to(dtype)
+    wrap_out = torch.randn(128 // out_block, out_block, out_block, device=device).to(dtype) / out_block**0.5
+    bias = torch.randn(128, device=device).to(dtype)
     args = (x, wrap_in, values, meta, wrap_out, bias)
     reason = dispatchers["armor_linear"].why_not(backend, x.device, *args, explicit=True)
     if reason is not None:
