@@ -1,7 +1,8 @@
-// block_attention's cpu backend: chunked ATen. Every run of queries that sees the same key prefix is one
+// block_attention's bindings: the cuda backend's thin call of csrc/cuda/block_attention.cu, and the cpu
+// backend, chunked ATen. Every run of queries that sees the same key prefix is one
 // call of torch's CPU flash kernel over exactly that prefix, so invisible key blocks are never touched and
 // no mask is built; the GQA group is folded into the query axis, so each KV head is read once for all its
-// query heads. Registered for the CPU dispatch key like the other ops (fast_path.h).
+// query heads. Registered for the CPU and CUDA dispatch keys like the other ops (fast_path.h).
 #include <cmath>
 #include <limits>
 
@@ -134,15 +135,35 @@ bool is_4d(const Tensor& t, const Tensor& q) {
          (t.stride(3) == 1 || t.size(3) <= 1);
 }
 
+// What the CUDA kernel takes (ops/block_attention.py _cuda_supports says the same): fp16 / bf16, D 64 or
+// 128, 16-byte aligned rows. Always false without CUDA.
+bool cuda_takes(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const std::optional<Tensor>& k_new,
+                const std::optional<Tensor>& v_new) {
+#ifdef DLLM_WITH_CUDA
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  if ((q.size(3) != 64 && q.size(3) != 128) || k_cache.size(2) > 65535) return false;
+  const auto aligned = [](const Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+           t.stride(2) % 8 == 0;
+  };
+  return aligned(q) && aligned(k_cache) && aligned(v_cache) && (!k_new || (aligned(*k_new) && aligned(*v_new)));
+#else
+  (void)q, (void)k_cache, (void)v_cache, (void)k_new, (void)v_new;
+  return false;
+#endif
+}
+
 bool is_index(const Tensor& t, const Tensor& q) {
   return t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == q.size(0) && t.device() == q.device();
 }
 
-// A call the Python checks (and its CPU value checks) accept: a subset of them is enough.
+// A call the Python checks accept (a subset of them is enough), with, on the CPU, the value checks of q_start
+// and kv_len (free there). On CUDA, Python checks no values either (they would need a host sync), and the
+// call must be one the CUDA kernel takes, so that the automatic choice would give it to this kernel too.
 bool accepts(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& q_start,
              const Tensor& kv_len, const std::optional<Tensor>& k_new, const std::optional<Tensor>& v_new,
              int64_t block_size, std::optional<double> scale) {
-  if (!q.is_cpu() || !is_float(q) || !is_4d(q, q) || !is_4d(k_cache, q) || !is_4d(v_cache, q)) return false;
+  if (!is_float(q) || !is_4d(q, q) || !is_4d(k_cache, q) || !is_4d(v_cache, q)) return false;
   const int64_t n_heads = q.size(2), n_kv_heads = k_cache.size(2), s_max = k_cache.size(1);
   if (k_cache.sizes() != v_cache.sizes() || k_cache.size(0) != q.size(0) || k_cache.size(3) != q.size(3) ||
       n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q.size(3) == 0)
@@ -154,6 +175,8 @@ bool accepts(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, cons
                 at::has_internal_overlap(k_cache) != at::MemOverlap::No ||
                 at::has_internal_overlap(v_cache) != at::MemOverlap::No || k_cache.is_alias_of(v_cache)))
     return false;
+  if (q.is_cuda()) return cuda_takes(q, k_cache, v_cache, k_new, v_new);
+  if (!q.is_cpu()) return false;
   const Tensor starts = q_start.contiguous(), lengths = kv_len.contiguous();
   for (int64_t b = 0; b < q.size(0); ++b) {
     const int64_t start = starts.data_ptr<int32_t>()[b], length = lengths.data_ptr<int32_t>()[b];
@@ -162,13 +185,17 @@ bool accepts(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, cons
   return true;
 }
 
-// The op's kernel for the CPU dispatch key.
+// The op's kernel for the CPU and CUDA dispatch keys.
 std::tuple<Tensor, Tensor> op(const Tensor& q, Tensor& k_cache, Tensor& v_cache, const Tensor& q_start,
                               const Tensor& kv_len, const std::optional<Tensor>& k_new,
                               const std::optional<Tensor>& v_new, int64_t block_size, std::optional<double> scale,
                               bool return_lse) {
-  if (fast_path_enabled() && accepts(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale))
+  if (fast_path_enabled() && accepts(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale)) {
+#ifdef DLLM_WITH_CUDA
+    if (q.is_cuda()) return run_cuda(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse);
+#endif
     return run(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse);
+  }
   namespace py = pybind11;
   using namespace pybind11::literals;
   const py::gil_scoped_acquire gil;
@@ -191,3 +218,6 @@ void register_block_attention(pybind11::module_& m) {
 }  // namespace dllm::bindings
 
 TORCH_LIBRARY_IMPL(dllm, CPU, m) { m.impl("block_attention", TORCH_FN(dllm::bindings::op)); }
+#ifdef DLLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(dllm, CUDA, m) { m.impl("block_attention", TORCH_FN(dllm::bindings::op)); }
+#endif
