@@ -1,8 +1,8 @@
 // block_attention's bindings: the cuda backend's thin call of csrc/cuda/block_attention.cu, and the cpu
-// backend, chunked ATen. Every run of queries that sees the same key prefix is one
-// call of torch's CPU flash kernel over exactly that prefix, so invisible key blocks are never touched and
-// no mask is built; the GQA group is folded into the query axis, so each KV head is read once for all its
-// query heads. Registered for the CPU and CUDA dispatch keys like the other ops (fast_path.h).
+// backend, chunked ATen: every run of queries that sees the same key prefix is one call of torch's CPU flash
+// kernel over exactly that prefix, so invisible key blocks are never touched and no mask is built; the GQA
+// group is folded into the query axis, so each KV head is read once for all its query heads. Registered for
+// the CPU and CUDA dispatch keys like the other ops (fast_path.h).
 #include <cmath>
 #include <limits>
 
