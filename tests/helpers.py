@@ -81,3 +81,16 @@ def run_cuda_emulation(suite: str, part: int, parts: int, *replace: tuple[str, s
         command += ["--replace", old, new]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     return done.returncode, f"seed {seed}:\n" + (done.stdout + done.stderr).strip()
+
+
+def emulation_suite(name: str):
+    """The module tests/cuda_emulation/<name>.py, whose cases the GPU tests also run on the real kernels."""
+    import importlib.util
+
+    folder = os.path.join(os.path.dirname(__file__), "cuda_emulation")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the suite imports its harness
+    spec = importlib.util.spec_from_file_location(f"emulation_{name}", os.path.join(folder, f"{name}.py"))
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    return suite

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close, run_cuda_emulation
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, emulation_suite, run_cuda_emulation
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -449,3 +449,12 @@ def test_cuda_kernel_under_host_emulation(part, summary):
     code, report = run_cuda_emulation("block_attention", part, 4)
     assert code == 0, report
     summary(f"block_attention CUDA emulation, part {part}", report.splitlines()[-1])
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_on_the_emulated_cases():
+    """The real kernels on every case the host emulation runs (tests/cuda_emulation): the first GPU run
+    checks what the emulation could not, the hardware itself."""
+    suite = emulation_suite("block_attention")
+    for case in suite.cases(torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))):
+        suite.run_on_gpu(case)

@@ -3,6 +3,7 @@
 // kernel over exactly that prefix, so invisible key blocks are never touched and no mask is built; the GQA
 // group is folded into the query axis, so each KV head is read once for all its query heads. Registered for
 // the CPU and CUDA dispatch keys like the other ops (fast_path.h).
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -26,10 +27,11 @@ constexpr const char* kOp = "block_attention";
 #ifdef DLLM_WITH_CUDA
 // The CUDA kernel (csrc/cuda/block_attention.cu; Python has checked the arguments and that the kernel takes
 // them: fp16 / bf16, D 64 or 128, 16-byte aligned rows). No host sync: q_start / kv_len stay on the device.
+// num_splits > 0 forces the KV split count (tests); 0 lets the launcher choose.
 std::tuple<Tensor, Tensor> run_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                     const Tensor& q_start, const Tensor& kv_len, const std::optional<Tensor>& k_new,
                                     const std::optional<Tensor>& v_new, int64_t block_size,
-                                    std::optional<double> scale, bool return_lse) {
+                                    std::optional<double> scale, bool return_lse, int64_t num_splits) {
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t head_dim = q.size(3);
   const Tensor out = at::empty(q.sizes(), q.options());
@@ -63,7 +65,7 @@ std::tuple<Tensor, Tensor> run_cuda(const Tensor& q, const Tensor& k_cache, cons
   p.block_size = block_size;
   p.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim)));
   p.dtype = dtype_code(q, kOp);
-  p.num_splits = 0;
+  p.num_splits = static_cast<int>(std::clamp<int64_t>(num_splits, 0, 65535));
   const size_t bytes = dllm_block_attention_cuda_workspace(&p);
   const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
   const int err = dllm_block_attention_cuda(&p, bytes ? workspace.data_ptr() : nullptr,
@@ -192,7 +194,8 @@ std::tuple<Tensor, Tensor> op(const Tensor& q, Tensor& k_cache, Tensor& v_cache,
                               bool return_lse) {
   if (fast_path_enabled() && accepts(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale)) {
 #ifdef DLLM_WITH_CUDA
-    if (q.is_cuda()) return run_cuda(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse);
+    if (q.is_cuda())
+      return run_cuda(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse, 0);
 #endif
     return run(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse);
   }

@@ -181,7 +181,7 @@ def _cuda_supports(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, *options)
 def _cuda(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse):
     """csrc/cuda/block_attention.cu: FlashAttention-2 on mma.sync, split-KV for decode shapes."""
     return _extension._C.block_attention_cuda_run(
-        q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
+        q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse, 0
     )
 
 

@@ -4,6 +4,7 @@ fused in the epilogue (blocks up to 64), applied after a split K or a wide block
 against reference.sparse24."""
 
 import ctypes
+from types import SimpleNamespace
 
 import torch
 from harness import pointer
@@ -75,74 +76,67 @@ def cases(generator):
                 )
 
 
+def wrap(blocks, size, dtype):
+    """Near-orthogonal wrap blocks, as ARMOR learns them: identity plus a small random part."""
+    return (torch.eye(size) + 0.2 * torch.randn(blocks, size, size)).to(dtype)
+
+
+def inputs(case, put):
+    """The case's arguments placed by put (guarded host memory, or a GPU): x a row slice of a wider
+    buffer when x_pad > 0, then the 2:4 weight, bias and, for armor_linear, the wraps."""
+    m, n, k, dtype = case["m"], case["n"], case["k"], case["dtype"]
+    weight = torch.randn(n, k).to(dtype)
+    a = SimpleNamespace(wrap_in=None, wrap_out=None, bias=None)
+    a.values, a.meta = (put(t) for t in reference.compress_24(weight, reference.prune_24(weight)))
+    a.x = put(torch.randn(m, k + case["x_pad"]).to(dtype))[:, :k]
+    if case["bias"]:
+        a.bias = put(torch.randn(n).to(dtype))
+    if case.get("armor"):
+        a.wrap_in = put(wrap(k // case["wrap_in"], case["wrap_in"], dtype))
+        a.wrap_out = put(wrap(n // case["wrap_out"], case["wrap_out"], dtype))
+    return a
+
+
+def check(case, a, out):
+    if case.get("armor"):
+        expected = reference.armor_linear(a.x, a.wrap_in, a.values, a.meta, a.wrap_out, a.bias)
+        # Three fp32 products in another order than the reference's: the tolerance follows their lengths.
+        assert_close(out, expected, reduction=4 * (case["k"] // 2 + case["wrap_in"] + case["wrap_out"]))
+    else:
+        assert_close(out, reference.sparse24_mm(a.x, a.values, a.meta, a.bias), reduction=case["k"] // 2)
+
+
 def run(lib, memory, case):
-    (run_armor if case.get("armor") else run_mm)(lib, memory, case)
-
-
-def run_mm(lib, memory, case):
-    m, n, k, dtype = case["m"], case["n"], case["k"], case["dtype"]
-    weight = torch.randn(n, k).to(dtype)
-    values, meta = reference.compress_24(weight, reference.prune_24(weight))
-    x_rows = memory.copy(torch.randn(m, k + case["x_pad"]).to(dtype))
-    x = x_rows[:, :k]
-    values, meta = memory.copy(values), memory.copy(meta)
-    bias = memory.copy(torch.randn(n).to(dtype)) if case["bias"] else None
-    out = memory.empty((m, n), dtype)
-    code = DTYPES[dtype]
+    """The emulated kernels through their extern "C" launchers."""
+    a = inputs(case, memory.copy)
+    m, n, k, code = case["m"], case["n"], case["k"], DTYPES[case["dtype"]]
+    out = memory.empty((m, n), case["dtype"])
     params = Params(
-        pointer(x),
-        m,
-        k,
-        x.stride(0),
-        pointer(values),
-        pointer(meta),
-        n,
-        pointer(bias),
-        pointer(out),
-        code,
-        code,
-    )
-    lib.dllm_sparse24_mm_cuda_workspace.restype = ctypes.c_size_t
-    workspace_bytes = lib.dllm_sparse24_mm_cuda_workspace(ctypes.byref(params))
-    workspace = memory.empty((workspace_bytes,), torch.uint8) if workspace_bytes else None
-    err = lib.dllm_sparse24_mm_cuda(ctypes.byref(params), ctypes.c_void_p(pointer(workspace)), None)
-    assert err == 0, f"launcher returned {err}"
-    expected = reference.sparse24_mm(x, values, meta, bias)
-    assert_close(out, expected, reduction=k // 2)
-
-
-def run_armor(lib, memory, case):
-    m, n, k, dtype = case["m"], case["n"], case["k"], case["dtype"]
-    weight = torch.randn(n, k).to(dtype)
-    values, meta = (memory.copy(t) for t in reference.compress_24(weight, reference.prune_24(weight)))
-    x = memory.copy(torch.randn(m, k + case["x_pad"]).to(dtype))[:, :k]
-    # Near-orthogonal wraps, as ARMOR learns them: identity plus a small random part.
-    wrap_in = memory.copy(
-        (
-            torch.eye(case["wrap_in"])
-            + 0.2 * torch.randn(k // case["wrap_in"], case["wrap_in"], case["wrap_in"])
-        ).to(dtype)
-    )
-    wrap_out = memory.copy(
-        (
-            torch.eye(case["wrap_out"])
-            + 0.2 * torch.randn(n // case["wrap_out"], case["wrap_out"], case["wrap_out"])
-        ).to(dtype)
-    )
-    bias = memory.copy(torch.randn(n).to(dtype)) if case["bias"] else None
-    out = memory.empty((m, n), dtype)
-    code = DTYPES[dtype]
-    params = ArmorParams(
-        Params(pointer(x), m, k, x.stride(0), pointer(values), pointer(meta), n, pointer(bias), pointer(out),
-               code, code),
-        pointer(wrap_in), case["wrap_in"], pointer(wrap_out), case["wrap_out"],
+        pointer(a.x), m, k, a.x.stride(0), pointer(a.values), pointer(a.meta), n, pointer(a.bias),
+        pointer(out), code, code,
     )  # fmt: skip
-    lib.dllm_armor_linear_cuda_workspace.restype = ctypes.c_size_t
-    workspace_bytes = lib.dllm_armor_linear_cuda_workspace(ctypes.byref(params))
-    assert workspace_bytes > 0
-    workspace = memory.empty((workspace_bytes,), torch.uint8)
-    err = lib.dllm_armor_linear_cuda(ctypes.byref(params), ctypes.c_void_p(pointer(workspace)), None)
+    if case.get("armor"):
+        params = ArmorParams(
+            params, pointer(a.wrap_in), case["wrap_in"], pointer(a.wrap_out), case["wrap_out"]
+        )
+        workspace_of, launch = lib.dllm_armor_linear_cuda_workspace, lib.dllm_armor_linear_cuda
+    else:
+        workspace_of, launch = lib.dllm_sparse24_mm_cuda_workspace, lib.dllm_sparse24_mm_cuda
+    workspace_of.restype = ctypes.c_size_t
+    workspace_bytes = workspace_of(ctypes.byref(params))
+    workspace = memory.empty((workspace_bytes,), torch.uint8) if workspace_bytes else None
+    err = launch(ctypes.byref(params), ctypes.c_void_p(pointer(workspace)), None)
     assert err == 0, f"launcher returned {err}"
-    expected = reference.armor_linear(x, wrap_in, values, meta, wrap_out, bias)
-    # Three fp32 products in another order than the reference's: the tolerance follows their lengths.
-    assert_close(out, expected, reduction=4 * (k // 2 + case["wrap_in"] + case["wrap_out"]))
+    check(case, a, out)
+
+
+def run_on_gpu(case):
+    """The real kernels on the same case (the GPU test), through the cuda backend's bindings."""
+    from dllm_kernels import _extension
+
+    a = inputs(case, lambda t: t.cuda())
+    if case.get("armor"):
+        out = _extension._C.armor_linear_cuda_run(a.x, a.wrap_in, a.values, a.meta, a.wrap_out, a.bias)
+    else:
+        out = _extension._C.sparse24_mm_run(a.x, a.values, a.meta, a.bias)
+    check(case, a, out)
