@@ -3,8 +3,8 @@
 // dllm_kernels/reference/block_attention.py is the readable statement of the op.
 //
 // Rows. For one (row b, KV head), the R = Sq * G query rows that read that KV head (query i, group head g,
-// G = Hq / Hkv) are flattened as r = i * G + g and cut into tiles of kBlockM = 64: one CTA (4 warps, 16
-// rows each) owns a tile, so every K / V tile it loads serves all the query heads of the group (no K / V
+// G = Hq / Hkv) are flattened as r = i * G + g and cut into tiles of 64 or 128: one CTA (4 or 8 warps,
+// 16 rows each) owns a tile, so every K / V tile it loads serves all the query heads of the group (no K / V
 // expansion) and an 8-token sub-block of a 28 / 4-head model still fills the tile. The grid walks the
 // (row, KV head) pairs fastest and the query tiles from the last: under a block-causal mask the last tile
 // sees the most keys, so the longest CTAs start first.
@@ -56,11 +56,15 @@
 namespace dllm {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockM = 16 * kWarps;  // query rows per CTA: the instruction's m per warp
-constexpr int kBlockN = 64;           // keys per tile
-constexpr int kCtasPerSm = 2;         // what 80 KB of shared memory (D = 128) and the registers allow
+// A CTA has kWarps warps of 16 query rows (the instruction's m): 4 (64 rows, 2 CTAs per SM) for up to 64
+// rows per (row, KV head), else 8 (128 rows, 1 CTA per SM: the register file) so that every K / V byte
+// brought into shared memory serves twice the rows. Either way 8 warps per SM.
+template <int kWarps>
+constexpr int kBlockM = 16 * kWarps;
+template <int kWarps>
+constexpr int kCtasPerSm = kWarps == 4 ? 2 : 1;
+constexpr int kBlockN = 64;  // keys per tile
+constexpr int kWriteThreads = 128;
 // A split should cover at least this many KV tiles: each adds R * D fp32 of workspace traffic.
 constexpr int64_t kMinTilesPerSplit = 4;
 constexpr int64_t kMaxSplits = 64;
@@ -90,18 +94,21 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 struct Plan {
   int64_t group;    // query heads per KV head
   int64_t n_rows;   // query rows per (row, KV head): Sq * group
-  int64_t n_tiles;  // kBlockM tiles of them
+  int64_t n_tiles;  // kBlockM<warps> tiles of them
   int64_t n_bh;     // (row, KV head) pairs
   int64_t splits;   // KV splits per tile (1: no workspace, no merge)
+  int warps;        // per CTA: 4 or 8
 };
 
 Plan make_plan(const DllmBlockAttentionParams& p, int sms) {
   Plan plan{};
   plan.group = p.n_heads / p.n_kv_heads;
   plan.n_rows = p.n_queries * plan.group;
-  plan.n_tiles = ceil_div(plan.n_rows, kBlockM);
+  plan.warps = plan.n_rows > kBlockM<4> ? 8 : 4;
+  plan.n_tiles = ceil_div(plan.n_rows, 16 * plan.warps);
   plan.n_bh = p.batch * p.n_kv_heads;
-  const int64_t ctas = plan.n_tiles * plan.n_bh, target = int64_t{kCtasPerSm} * sms;
+  const int64_t ctas = plan.n_tiles * plan.n_bh;
+  const int64_t target = int64_t{plan.warps == 4 ? kCtasPerSm<4> : kCtasPerSm<8>} * sms;
   plan.splits = 1;
   if (p.num_splits > 0) {
     plan.splits = min_i64(p.num_splits, 65535);
@@ -130,7 +137,7 @@ __device__ __forceinline__ int64_t visible_end(const DllmBlockAttentionParams& p
 }
 
 // Keys [start, start + kBlockN) of (b, KV head) into a K and a V tile; keys at or past `end` zero-filled.
-template <int D>
+template <int D, int kThreads>
 __device__ __forceinline__ void load_kv_tile(const DllmBlockAttentionParams& p, int64_t b, int64_t kv_head,
                                              int64_t start, int64_t end, uint4* k_tile, uint4* v_tile) {
   constexpr int kChunks = D / 8;
@@ -147,26 +154,27 @@ __device__ __forceinline__ void load_kv_tile(const DllmBlockAttentionParams& p, 
 }
 
 // Grid: (n_tiles * n_bh, splits). Dynamic shared memory: the Q tile (later the output tile) and two K and
-// two V tiles, kBlockM + 4 kBlockN rows of D 16-bit elements.
-template <class Tr, int D>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+// two V tiles, kBlockM + 4 kBlockN rows of D 16-bit elements (80 / 96 KB at D = 128).
+template <class Tr, int D, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<kWarps>)
     attention_kernel(const DllmBlockAttentionParams p, const Plan plan, float* __restrict__ ws_o,
                      float* __restrict__ ws_lse) {
   constexpr int kChunks = D / 8;     // 16-byte chunks per row; also the n8 tiles over D
   constexpr int kKSteps = D / 16;    // k16 steps over D (S = Q K^T)
   constexpr int kKeyTiles = kBlockN / 8;
+  constexpr int kThreads = 32 * kWarps, kRows = 16 * kWarps;
   uint4* const q_tile = reinterpret_cast<uint4*>(ptx::dynamic_smem());
-  uint4* const k_tiles = q_tile + kBlockM * kChunks;  // [2][kBlockN * kChunks]
+  uint4* const k_tiles = q_tile + kRows * kChunks;  // [2][kBlockN * kChunks]
   uint4* const v_tiles = k_tiles + 2 * kBlockN * kChunks;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t pid = blockIdx.x;
   const int64_t tile = plan.n_tiles - 1 - pid / plan.n_bh;  // last (longest) tiles first
   const int64_t bh = pid % plan.n_bh, b = bh / p.n_kv_heads, kv_head = bh % p.n_kv_heads;
-  const int64_t row0 = tile * kBlockM;
+  const int64_t row0 = tile * kRows;
   const int64_t kv = max_i64(0, min_i64(p.kv_len[b], p.s_max));
   const int64_t lim_min = visible_end(p, b, row0, plan.group, kv);
-  const int64_t lim_max = visible_end(p, b, min_i64(row0 + kBlockM, plan.n_rows) - 1, plan.group, kv);
+  const int64_t lim_max = visible_end(p, b, min_i64(row0 + kRows, plan.n_rows) - 1, plan.group, kv);
   int64_t lim[2];  // this lane's rows: 16 warp + g and + 8
 #pragma unroll
   for (int h = 0; h < 2; ++h) lim[h] = visible_end(p, b, row0 + 16 * warp + g + 8 * h, plan.group, kv);
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
   // Q tile (zeros past the last row) and the first K / V tile, in two cp.async groups.
   const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride[0];
-  for (int i = threadIdx.x; i < kBlockM * kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
     const int row = i / kChunks, c = i % kChunks;
     const int64_t r = row0 + row;
     const bool ok = r < plan.n_rows;
@@ -190,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
                     ok ? 16 : 0);
   }
   ptx::cp_async_commit();
-  if (n_kv_tiles > 0) load_kv_tile<D>(p, b, kv_head, lo, hi, k_tiles, v_tiles);
+  if (n_kv_tiles > 0) load_kv_tile<D, kThreads>(p, b, kv_head, lo, hi, k_tiles, v_tiles);
   ptx::cp_async_commit();
   ptx::cp_async_wait<1>();
   __syncthreads();
@@ -211,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     const int64_t start = lo + it * kBlockN;
     if (it + 1 < n_kv_tiles) {
       const int next = static_cast<int>((it + 1) & 1) * kBlockN * kChunks;
-      load_kv_tile<D>(p, b, kv_head, start + kBlockN, hi, k_tiles + next, v_tiles + next);
+      load_kv_tile<D, kThreads>(p, b, kv_head, start + kBlockN, hi, k_tiles + next, v_tiles + next);
     }
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // all but the newest group: tile `it` has landed
@@ -329,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   }
   __syncthreads();
   auto* out = static_cast<uint4*>(p.out);
-  for (int i = threadIdx.x; i < kBlockM * kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
     const int row = i / kChunks, c = i % kChunks;
     const int64_t r = row0 + row;
     if (r >= plan.n_rows) continue;
@@ -374,8 +382,8 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
 // cache[b, q_start[b] + i, h] = new[b, i, h], 16 bytes per thread. Grid: (position blocks, Hkv, batch
 // (strided past 65535)).
 template <int D>
-__global__ void __launch_bounds__(kThreads) write_kv_kernel(const DllmBlockAttentionParams p) {
-  constexpr int kChunks = D / 8, kPositions = kThreads / kChunks;
+__global__ void __launch_bounds__(kWriteThreads) write_kv_kernel(const DllmBlockAttentionParams p) {
+  constexpr int kChunks = D / 8, kPositions = kWriteThreads / kChunks;
   const int64_t i = int64_t{blockIdx.x} * kPositions + threadIdx.x / kChunks, h = blockIdx.y;
   const int c = threadIdx.x % kChunks;
   if (i >= p.n_queries) return;
@@ -395,27 +403,35 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const DllmBlockAtten
   }
 }
 
-template <class Tr, int D>
-cudaError_t launch(const DllmBlockAttentionParams& p, const Plan& plan, void* workspace, cudaStream_t stream) {
-  if (p.k_new != nullptr && p.n_queries > 0 && p.batch > 0) {
-    constexpr int kPositions = kThreads / (D / 8);
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.n_queries, kPositions)), static_cast<unsigned>(p.n_kv_heads),
-                    static_cast<unsigned>(min_i64(p.batch, 65535)));
-    write_kv_kernel<D><<<grid, kThreads, 0, stream>>>(p);
-    if (const cudaError_t err = cudaGetLastError()) return err;
-  }
-  if (plan.n_rows == 0 || plan.n_bh == 0) return cudaSuccess;
-  constexpr int kSmem = (kBlockM + 4 * kBlockN) * D * 2;
-  auto* kernel = attention_kernel<Tr, D>;
+template <class Tr, int D, int kWarps>
+cudaError_t launch_attention(const DllmBlockAttentionParams& p, const Plan& plan, float* ws_o, float* ws_lse,
+                             cudaStream_t stream) {
+  constexpr int kSmem = (kBlockM<kWarps> + 4 * kBlockN) * D * 2;
+  auto* kernel = attention_kernel<Tr, D, kWarps>;
   if (kSmem > kDefaultSmem) {
     if (const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem))
       return err;
   }
+  const dim3 grid(static_cast<unsigned>(plan.n_tiles * plan.n_bh), static_cast<unsigned>(plan.splits));
+  kernel<<<grid, 32 * kWarps, kSmem, stream>>>(p, plan, ws_o, ws_lse);
+  return cudaGetLastError();
+}
+
+template <class Tr, int D>
+cudaError_t launch(const DllmBlockAttentionParams& p, const Plan& plan, void* workspace, cudaStream_t stream) {
+  if (p.k_new != nullptr && p.n_queries > 0 && p.batch > 0) {
+    constexpr int kPositions = kWriteThreads / (D / 8);
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.n_queries, kPositions)), static_cast<unsigned>(p.n_kv_heads),
+                    static_cast<unsigned>(min_i64(p.batch, 65535)));
+    write_kv_kernel<D><<<grid, kWriteThreads, 0, stream>>>(p);
+    if (const cudaError_t err = cudaGetLastError()) return err;
+  }
+  if (plan.n_rows == 0 || plan.n_bh == 0) return cudaSuccess;
   float* ws_o = plan.splits > 1 ? static_cast<float*>(workspace) : nullptr;
   float* ws_lse = plan.splits > 1 ? ws_o + plan.splits * plan.n_bh * plan.n_rows * D : nullptr;
-  const dim3 grid(static_cast<unsigned>(plan.n_tiles * plan.n_bh), static_cast<unsigned>(plan.splits));
-  kernel<<<grid, kThreads, kSmem, stream>>>(p, plan, ws_o, ws_lse);
-  if (const cudaError_t err = cudaGetLastError()) return err;
+  const cudaError_t err = plan.warps == 8 ? launch_attention<Tr, D, 8>(p, plan, ws_o, ws_lse, stream)
+                                          : launch_attention<Tr, D, 4>(p, plan, ws_o, ws_lse, stream);
+  if (err != cudaSuccess) return err;
   if (plan.splits == 1) return cudaSuccess;
   const dim3 merge_grid(static_cast<unsigned>(plan.n_bh), static_cast<unsigned>(ceil_div(plan.n_rows, kMergeWarps)));
   merge_kernel<Tr, D><<<merge_grid, 32 * kMergeWarps, 0, stream>>>(p, plan, ws_o, ws_lse);
