@@ -3,9 +3,10 @@
 The extension always holds the CPU kernels (C++20, OpenMP; runtime ISA dispatch inside the
 kernels, so the build runs on any x86-64 CPU). When torch was built with CUDA and nvcc is found,
 it also holds the CUDA kernels and their bindings (TORCH_CUDA_ARCH_LIST honoured, default
-"8.0;9.0a"). A failed extension build leaves a package that runs on the reference and Triton
-backends (import warns once); DLLM_REQUIRE_EXTENSION=1 (set by the Makefile) makes it an error
-instead, DLLM_NO_EXTENSION=1 skips the extension.
+"8.0+PTX;9.0a": the PTX lets later GPUs run the sm_80 code). A failed extension build leaves a
+package that runs on the reference and Triton backends (import warns once);
+DLLM_REQUIRE_EXTENSION=1 (set by the Makefile) makes it an error instead, DLLM_NO_EXTENSION=1 skips
+the extension.
 """
 
 import glob
@@ -27,7 +28,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")  # PTX: later GPUs JIT the sm_80 code
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-psabi", "-Wno-unknown-pragmas"]
     sources = _sources("csrc/cpu/*.cpp") + _sources("csrc/torch/*.cpp")
     kwargs = dict(

@@ -25,7 +25,7 @@ typedef struct {
   int64_t k_new_stride[3], v_new_stride[3];
   const int32_t* q_start;  // [batch]
   const int32_t* kv_len;   // [batch]
-  void* out;               // [batch, n_queries, n_heads, head_dim] contiguous, q's dtype
+  void* out;               // [batch, n_queries, n_heads, head_dim] contiguous, q's dtype, 16-byte aligned
   float* lse;              // [batch, n_heads, n_queries] contiguous (natural log), or NULL
   int64_t batch, n_queries, s_max, n_heads, n_kv_heads, head_dim;
   int64_t block_size;  // 0: every valid key is visible

@@ -46,7 +46,7 @@ void dllm_sparse24_mm_cpu(const DllmSparse24Params* params, int num_threads);
 // which depends on the shapes, dtype and the current device only.
 size_t dllm_sparse24_mm_cuda_workspace(const DllmSparse24Params* params);
 int dllm_sparse24_mm_cuda(const DllmSparse24Params* params, void* workspace, cudaStream_t stream);
-// armor_linear: workspace of dllm_armor_linear_cuda_workspace(params) bytes, never 0 for M, N, K > 0.
+// armor_linear: workspace of dllm_armor_linear_cuda_workspace(params) bytes (NULL if 0).
 size_t dllm_armor_linear_cuda_workspace(const DllmArmorParams* params);
 int dllm_armor_linear_cuda(const DllmArmorParams* params, void* workspace, cudaStream_t stream);
 

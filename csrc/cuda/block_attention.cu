@@ -45,6 +45,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -241,6 +242,9 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<kWarps>)
     }
 
     const bool masked = start + kBlockN > full_end;
+    int visible[2];  // keys of this tile the lane's rows see (32-bit compares in the loop below)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) visible[h] = static_cast<int>(max_i64(0, min_i64(lim[h] - start, kBlockN)));
     float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt) {
@@ -248,7 +252,7 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<kWarps>)
       for (int i = 0; i < 4; ++i) {
         const int h = i / 2;
         float x = s[nt][i] * scale_log2;
-        if (masked && start + 8 * nt + 2 * t + i % 2 >= lim[h]) x = -INFINITY;
+        if (masked && 8 * nt + 2 * t + i % 2 >= visible[h]) x = -INFINITY;
         s[nt][i] = x;
         row_max[h] = fmaxf(row_max[h], x);
       }
@@ -260,7 +264,7 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<kWarps>)
       row_max[h] = fmaxf(row_max[h], __shfl_xor_sync(kFullMask, row_max[h], 2));
       const float m_new = fmaxf(m[h], row_max[h]);
       m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: exp2(-inf) = 0, no NaN
-      const float alpha = exp2f(m[h] - m_use[h]);
+      const float alpha = ptx::exp2_approx(m[h] - m_use[h]);
       m[h] = m_new;
       l[h] *= alpha;
 #pragma unroll
@@ -273,7 +277,7 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<kWarps>)
     for (int nt = 0; nt < kKeyTiles; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[nt][i] = exp2f(s[nt][i] - m_use[i / 2]);
+        s[nt][i] = ptx::exp2_approx(s[nt][i] - m_use[i / 2]);
         l[i / 2] += s[nt][i];
       }
     }
@@ -346,23 +350,20 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<kWarps>)
   }
 }
 
-// out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse_s - max lse), in split order. Grid: (n_bh, row blocks);
-// one warp per row, D / 32 columns per lane.
+// One row of merge_kernel, by one warp.
 template <class Tr, int D>
-__global__ void __launch_bounds__(32 * kMergeWarps)
-    merge_kernel(const DllmBlockAttentionParams p, const Plan plan, const float* __restrict__ ws_o,
-                 const float* __restrict__ ws_lse) {
+__device__ __forceinline__ void merge_row(const DllmBlockAttentionParams& p, const Plan& plan,
+                                          const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
+                                          int64_t bh, int64_t r) {
   constexpr int kPerLane = D / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, r = int64_t{blockIdx.y} * kMergeWarps + threadIdx.x / 32;
-  if (r >= plan.n_rows) return;
   float top = -INFINITY;
   for (int64_t s = 0; s < plan.splits; ++s) top = fmaxf(top, ws_lse[(s * plan.n_bh + bh) * plan.n_rows + r]);
   const float top_use = top == -INFINITY ? 0.f : top;
   float acc[kPerLane] = {}, den = 0.f;
   for (int64_t s = 0; s < plan.splits; ++s) {
     const int64_t item = (s * plan.n_bh + bh) * plan.n_rows + r;
-    const float w = exp2f(ws_lse[item] - top_use);
+    const float w = ptx::exp2_approx(ws_lse[item] - top_use);
     den += w;
     const float* part = ws_o + item * D + lane * kPerLane;
 #pragma unroll
@@ -379,6 +380,17 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
     p.lse[(b * p.n_heads + head) * p.n_queries + qi] = unseen ? -INFINITY : (top + log2f(den)) * kLn2;
 }
 
+// out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse_s - max lse), in split order. Grid: (n_bh, row blocks
+// strided past 65535); one warp per row, D / 32 columns per lane.
+template <class Tr, int D>
+__global__ void __launch_bounds__(32 * kMergeWarps)
+    merge_kernel(const DllmBlockAttentionParams p, const Plan plan, const float* __restrict__ ws_o,
+                 const float* __restrict__ ws_lse) {
+  const int64_t bh = blockIdx.x;
+  for (int64_t r = int64_t{blockIdx.y} * kMergeWarps + threadIdx.x / 32; r < plan.n_rows;
+       r += int64_t{gridDim.y} * kMergeWarps)
+    merge_row<Tr, D>(p, plan, ws_o, ws_lse, bh, r);
+}
 // cache[b, q_start[b] + i, h] = new[b, i, h], 16 bytes per thread. Grid: (position blocks, Hkv, batch
 // (strided past 65535)).
 template <int D>
@@ -408,9 +420,15 @@ cudaError_t launch_attention(const DllmBlockAttentionParams& p, const Plan& plan
                              cudaStream_t stream) {
   constexpr int kSmem = (kBlockM<kWarps> + 4 * kBlockN) * D * 2;
   auto* kernel = attention_kernel<Tr, D, kWarps>;
-  if (kSmem > kDefaultSmem) {
-    if (const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem))
-      return err;
+  if (kSmem > kDefaultSmem) {  // the opt-in, once per device: a driver call kept off the per-step path
+    static std::atomic<bool> opted_in[kMaxDevices];
+    int dev = 0;
+    if (const cudaError_t err = cudaGetDevice(&dev)) return err;
+    if (dev >= kMaxDevices || !opted_in[dev].load(std::memory_order_acquire)) {
+      if (const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem))
+        return err;
+      if (dev < kMaxDevices) opted_in[dev].store(true, std::memory_order_release);
+    }
   }
   const dim3 grid(static_cast<unsigned>(plan.n_tiles * plan.n_bh), static_cast<unsigned>(plan.splits));
   kernel<<<grid, 32 * kWarps, kSmem, stream>>>(p, plan, ws_o, ws_lse);
@@ -433,7 +451,8 @@ cudaError_t launch(const DllmBlockAttentionParams& p, const Plan& plan, void* wo
                                           : launch_attention<Tr, D, 4>(p, plan, ws_o, ws_lse, stream);
   if (err != cudaSuccess) return err;
   if (plan.splits == 1) return cudaSuccess;
-  const dim3 merge_grid(static_cast<unsigned>(plan.n_bh), static_cast<unsigned>(ceil_div(plan.n_rows, kMergeWarps)));
+  const dim3 merge_grid(static_cast<unsigned>(plan.n_bh),
+                        static_cast<unsigned>(min_i64(ceil_div(plan.n_rows, kMergeWarps), 65535)));
   merge_kernel<Tr, D><<<merge_grid, 32 * kMergeWarps, 0, stream>>>(p, plan, ws_o, ws_lse);
   return cudaGetLastError();
 }
@@ -450,7 +469,8 @@ bool supported(const DllmBlockAttentionParams& p) {
   if (p.batch < 0 || p.n_queries < 0 || p.s_max < 0 || p.block_size < 0 || p.n_kv_heads <= 0 ||
       p.n_heads % p.n_kv_heads != 0 || p.n_kv_heads > 65535)
     return false;
-  if (!aligned16(p.q, p.q_stride) || !aligned16(p.k_cache, p.k_stride) || !aligned16(p.v_cache, p.v_stride))
+  if (!aligned16(p.q, p.q_stride) || !aligned16(p.k_cache, p.k_stride) || !aligned16(p.v_cache, p.v_stride) ||
+      reinterpret_cast<uintptr_t>(p.out) % 16 != 0)
     return false;
   return p.k_new == nullptr ||
          (p.v_new != nullptr && aligned16(p.k_new, p.k_new_stride) && aligned16(p.v_new, p.v_new_stride));
@@ -478,7 +498,7 @@ extern "C" int dllm_block_attention_cuda(const DllmBlockAttentionParams* params,
   if (const cudaError_t err = sm_count(&sms)) return err;
   const Plan plan = make_plan(p, sms);
   if (plan.n_tiles * plan.n_bh > INT_MAX) return cudaErrorInvalidValue;
-  if (plan.splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  if (plan.splits > 1 && plan.n_rows > 0 && plan.n_bh > 0 && workspace == nullptr) return cudaErrorInvalidValue;
   const bool bf16 = p.dtype == DLLM_BFLOAT16;
   if (p.head_dim == 64) return bf16 ? launch<BF16, 64>(p, plan, workspace, stream) : launch<F16, 64>(p, plan, workspace, stream);
   return bf16 ? launch<BF16, 128>(p, plan, workspace, stream) : launch<F16, 128>(p, plan, workspace, stream);

@@ -18,9 +18,11 @@ DLLM_HD DLLM_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) 
 // A 1-D grid of `blocks` CTAs, capped at what gridDim.x holds (the kernels stride over the rest).
 inline int grid_size(int64_t blocks) { return static_cast<int>(blocks < INT_MAX ? blocks : INT_MAX); }
 
+// Devices whose per-device facts the launchers cache (beyond it they ask every time).
+constexpr int kMaxDevices = 64;
+
 // Multiprocessor count of the current device, cached per device (the query is not free).
 inline cudaError_t sm_count(int* out) {
-  constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices];
   int dev = 0;
   if (const cudaError_t err = cudaGetDevice(&dev)) return err;

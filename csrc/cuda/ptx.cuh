@@ -89,6 +89,14 @@ __device__ __forceinline__ void cp_async_wait() {
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// 2^x on the special-function unit (about 2 ulp; a subnormal input or result counts as 0, 2^-inf = 0): the
+// softmax's exponent, whose scale is already folded into x.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // The CTA's dynamic shared memory (its size set at launch).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(128) unsigned char smem[];

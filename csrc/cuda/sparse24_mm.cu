@@ -84,15 +84,20 @@ constexpr int kReduceThreads = 256;
 constexpr int kF32Rows = 8;  // rows of x per warp in the fp32 kernel
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// kLoScale: armor_linear stores an fp32 value v as hi = round(v) and lo = round((v - hi) * kLoScale), 2 to
+// the number of significant bits of the format, so that lo keeps its relative precision (a small fp16
+// remainder would otherwise be subnormal): v = hi + lo / kLoScale to about 2^-22 (fp16), 2^-17 (bf16).
 struct F16 {
   using Storage = uint16_t;
   static constexpr bool kBf16 = false;
+  static constexpr float kLoScale = 2048.f;
   static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
   static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
 };
 struct BF16 {
   using Storage = uint16_t;
   static constexpr bool kBf16 = true;
+  static constexpr float kLoScale = 256.f;
   static __device__ __forceinline__ float to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
   static __device__ __forceinline__ uint16_t from_float(float f) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
@@ -328,7 +333,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<NT>)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             const int64_t m = m0 / 2 + nt * 4 + t;
-            if (n < p.n && m < m_out) partial[(split * m_out + m) * p.n + n] = acc[nt][2 * i] + acc[nt][2 * i + 1];
+            if (n < p.n && m < m_out)
+              partial[(split * m_out + m) * p.n + n] = fmaf(acc[nt][2 * i + 1], 1.f / Tr::kLoScale, acc[nt][2 * i]);
           }
         }
         continue;
@@ -341,7 +347,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<NT>)
         for (int i = 0; i < 2; ++i)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
-            z[(warp * kRowsPerWarp + g + 8 * i) * kCols + nt * 4 + t] = acc[nt][2 * i] + acc[nt][2 * i + 1];
+            z[(warp * kRowsPerWarp + g + 8 * i) * kCols + nt * 4 + t] =
+                fmaf(acc[nt][2 * i + 1], 1.f / Tr::kLoScale, acc[nt][2 * i]);
       }
       __syncthreads();
       wrap_out_tile<Tr>(p, wrap, z, kCols, static_cast<int64_t>(blockIdx.x) * kRowsPerCta, m0 / 2, m_out);
@@ -476,8 +483,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // inner = blockdiag(wrap_in) . x per row of x, in fp32. kHiLo: stored as the rows 2m (hi) and 2m + 1 (lo)
-// of a 16-bit [2M, K] matrix with hi = round(v), lo = round(v - hi) (0 when v is not finite, so that inf
-// stays inf); else as fp32 [M, K].
+// of a 16-bit [2M, K] matrix with hi = round(v), lo = round((v - hi) * kLoScale) (0 when v is not finite,
+// so that inf stays inf; an fp16 hi overflows past 65504, as a 16-bit input would); else as fp32 [M, K].
 template <class Tr, bool kHiLo>
 __global__ void __launch_bounds__(kReduceThreads) wrap_in_kernel(const DllmSparse24Params p, const Wrap wrap, void* inner) {
   const auto* x = static_cast<const typename Tr::Storage*>(p.x);
@@ -496,7 +503,7 @@ __global__ void __launch_bounds__(kReduceThreads) wrap_in_kernel(const DllmSpars
       const float rest = v - Tr::to_float(hi);
       auto* out = static_cast<uint16_t*>(inner);
       out[2 * row * p.k + col] = hi;
-      out[(2 * row + 1) * p.k + col] = Tr::from_float(isfinite(rest) ? rest : 0.f);
+      out[(2 * row + 1) * p.k + col] = Tr::from_float(isfinite(rest) ? rest * Tr::kLoScale : 0.f);
     } else {
       static_cast<float*>(inner)[i] = v;
     }
@@ -662,7 +669,8 @@ extern "C" int dllm_armor_linear_cuda(const DllmArmorParams* params, void* works
   int sms = 0;
   if (const cudaError_t err = sm_count(&sms)) return err;
   const ArmorLayout l = armor_layout(a, workspace, sms);
-  if (workspace == nullptr || l.plan.n_blocks > INT_MAX) return cudaErrorInvalidValue;
+  if ((workspace == nullptr && l.partial_offset + l.partial_bytes > 0) || l.plan.n_blocks > INT_MAX)
+    return cudaErrorInvalidValue;
   switch (a.mm.dtype) {
     case DLLM_FLOAT32:
       return armor_typed<F32>(a, l, workspace, sms, stream);

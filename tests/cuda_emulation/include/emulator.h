@@ -121,7 +121,7 @@ struct Cta {
 inline Config config;
 inline Cta cta;
 constexpr size_t kDefaultSmemBytes = 48 * 1024;  // above it a kernel must opt in (cudaFuncSetAttribute)
-constexpr size_t kMaxSmemBytes = 227 * 1024;      // sm_90's opt-in limit per CTA
+constexpr size_t kMaxSmemBytes = 163 * 1024;      // sm_80's opt-in limit per CTA (sm_90a: 227 KB)
 inline std::map<const void*, size_t> smem_opt_in;
 
 inline Fiber& me() { return cta.fibers[cta.current]; }
@@ -218,6 +218,9 @@ struct Launch {
   Launch(dim3 g, dim3 b, size_t s = 0, const void* = nullptr) : grid(g), block(b), smem(s) {}
   template <class... P, class... A>
   void operator()(void (*kernel)(P...), A&&... args) const {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+      fail("launch: a grid dimension out of range (x < 2^31, y and z <= 65535, none 0)");
+    if (block.x * block.y * block.z > 1024 || block.z > 64) fail("launch: more than 1024 threads per block");
     const auto opt_in = smem_opt_in.find(reinterpret_cast<const void*>(kernel));
     if (smem > (opt_in == smem_opt_in.end() ? kDefaultSmemBytes : opt_in->second))
       fail("launch: dynamic shared memory above the kernel's limit (cudaFuncSetAttribute)");

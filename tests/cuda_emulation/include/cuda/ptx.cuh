@@ -3,7 +3,7 @@
 // "cp.async"). Each collective gathers every lane's registers, rebuilds the matrices the ISA describes and
 // hands each lane its part of the result. The harness refuses to build when csrc/cuda/ptx.cuh no longer
 // has this fingerprint (update both together):
-// emulates csrc/cuda/ptx.cuh sha256 356f189b136877643f091a1df0176ae8bb1910c5f76370fbf1dbe80671df78f2
+// emulates csrc/cuda/ptx.cuh sha256 8a3592cb2efd0fdf2dc0f88693de2c4abf421121d544d8b5578575f21cc2d4ae
 #pragma once
 
 #include <cstdint>
@@ -21,14 +21,16 @@ inline float element(uint32_t word, int high) {
   return kBf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__ushort_as_half(bits));
 }
 
-// d (row g, cols 2t, 2t + 1; row g + 8, the same cols) += A[16][K] . B[K][8] for this lane.
+// d (row g, cols 2t, 2t + 1; row g + 8, the same cols) += A[16][K] . B[K][8] for this lane, over the k
+// that `used` marks in A's row (mma.sp reads only the B rows its metadata names: a pruned position is absent).
 template <int K>
-inline void accumulate(float (&d)[4], const float (&a)[16][K], const float (&b)[K][8]) {
+inline void accumulate(float (&d)[4], const float (&a)[16][K], const float (&b)[K][8], const bool (*used)[K] = nullptr) {
   const int lane = dllm_emu::lane_id(), g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
     const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
     float sum = d[i];
-    for (int k = 0; k < K; ++k) sum = std::fma(a[row][k], b[k][col], sum);
+    for (int k = 0; k < K; ++k)
+      if (used == nullptr || used[row][k]) sum = std::fma(a[row][k], b[k][col], sum);
     d[i] = sum;
   }
 }
@@ -68,6 +70,7 @@ inline void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
   const uint32_t words[9] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], e};
   const uint32_t* all = dllm_emu::exchange(words, 9);
   float am[16][32] = {}, bm[32][8];
+  bool kept[16][32] = {};
   for (int lane = 0; lane < 32; ++lane) {
     const uint32_t* w = all + lane * detail::kSlotWords;
     const int g = lane / 4, t = lane % 4;
@@ -84,9 +87,10 @@ inline void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
       const uint32_t pair = all[holder * detail::kSlotWords + reg];
       am[row][4 * chunk + i0] = detail::element<kBf16>(pair, 0);
       am[row][4 * chunk + i1] = detail::element<kBf16>(pair, 1);
+      kept[row][4 * chunk + i0] = kept[row][4 * chunk + i1] = true;
     }
   }
-  detail::accumulate<32>(d, am, bm);
+  detail::accumulate<32>(d, am, bm, kept);
 }
 
 // ldmatrix .x4 (.trans): lanes 8 j .. 8 j + 7 give the 16-byte rows of matrix j; lane 4 g + t receives
@@ -123,6 +127,12 @@ inline void cp_async_wait() {
   dllm_emu::async_wait(kPending);
 }
 inline void cp_async_wait_all() { dllm_emu::async_wait_all(); }
+
+// ex2.approx.ftz: subnormal inputs and results flushed to zero (the approximation error is not modelled).
+inline float exp2_approx(float x) {
+  const float y = std::exp2(std::fpclassify(x) == FP_SUBNORMAL ? 0.f : x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
 
 inline unsigned char* dynamic_smem() { return dllm_emu::cta.dynamic_smem.data(); }
 
