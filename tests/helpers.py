@@ -55,9 +55,12 @@ def assert_mostly_equal(actual: torch.Tensor, expected: torch.Tensor, max_disagr
     assert bad <= allowed, f"{msg}: {bad} of {n} entries differ (allowed {allowed})"
 
 
-def run_cuda_emulation(suite: str, part: int, parts: int, *replace: tuple[str, str], timeout: float = 600):
+def run_cuda_emulation(
+    suite: str, part: int, parts: int, *replace: tuple[str, str], options=(), timeout: float = 600
+):
     """Runs csrc/cuda/<suite's kernel>.cu under the host emulation (tests/cuda_emulation) on a fresh seed,
-    in its own process: (exit code, report). ``replace``: (old, new) edits of the kernel source first."""
+    in its own process: (exit code, report). ``replace``: (old, new) edits of the kernel source first;
+    ``options``: more harness arguments (``--schedule 3`` ...)."""
     import shutil
 
     import pytest
@@ -79,6 +82,7 @@ def run_cuda_emulation(suite: str, part: int, parts: int, *replace: tuple[str, s
     ]
     for old, new in replace:
         command += ["--replace", old, new]
+    command += list(options)
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     return done.returncode, f"seed {seed}:\n" + (done.stdout + done.stderr).strip()
 

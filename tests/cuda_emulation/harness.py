@@ -126,6 +126,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, default=1)
+    parser.add_argument("--schedule", type=int, choices=range(4), help="every case under this fiber schedule")
+    parser.add_argument(
+        "--copies-at-issue", type=int, choices=(0, 1), help="every case with this cp.async timing"
+    )
     parser.add_argument(
         "--replace",
         nargs=2,
@@ -152,9 +156,11 @@ def main(argv=None):
     for case in cases:
         # Each case its own schedule: fiber order, SM count (the device id too, see cuda_runtime.h), and
         # whether cp.async lands at issue or at the wait.
-        schedule = int(torch.randint(0, 3, (), generator=generator))
+        schedule = int(torch.randint(0, 4, (), generator=generator))
         sms = int(torch.tensor([1, 3, 8, 33, 63])[torch.randint(0, 5, (), generator=generator)])
         at_issue = int(torch.randint(0, 2, (), generator=generator))
+        schedule = schedule if args.schedule is None else args.schedule
+        at_issue = at_issue if args.copies_at_issue is None else args.copies_at_issue
         lib.dllm_emu_configure(sms, schedule, at_issue)
         torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))
         memory = Memory(lib)

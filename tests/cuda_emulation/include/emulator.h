@@ -5,7 +5,8 @@
 // csrc/cuda/ptx.cuh is replaced (include/cuda/ptx.cuh), by implementations written from the PTX ISA.
 //
 // What it catches beyond wrong layouts: a fiber schedule that changes at every round (forward, reverse,
-// shuffled: a missing __syncthreads shows up as a wrong result), cp.async copies landing either at issue
+// shuffled, or skewed: warp w runs one round in w % 4 + 1, so warps drift apart by many steps and a
+// missing __syncthreads shows up as a wrong result), cp.async copies landing either at issue
 // or only at the wait (a read before the wait, or a write into a buffer still being read), a collective
 // reached by part of a warp (deadlock, reported), shared memory starting as NaN bytes, misaligned
 // ldmatrix / cp.async addresses, and (with dllm_emu_alloc's guard pages) reads past a global buffer.
@@ -102,7 +103,7 @@ struct Barrier {
 
 struct Config {
   int sms = 8;
-  int schedule = 0;            // 0 forward, 1 reverse, 2 shuffled; the order also rotates every round
+  int schedule = 0;  // 0 forward, 1 reverse, 2 shuffled, 3 skewed; the order also rotates every round
   bool copies_at_issue = false;  // cp.async lands at issue (else at the wait)
 };
 
@@ -184,6 +185,9 @@ inline void run_cta(int threads, size_t smem_bytes) {
     makecontext(&f.ctx, fiber_main, 0);
   }
   std::vector<int> order(threads);
+  constexpr uint64_t kSkewWindow = 12;  // every warp of a skewed schedule runs within 12 rounds
+  uint64_t window_progress = 0;
+  int window_finished = 0;
   uint64_t round = 0, seed = 0x9e3779b97f4a7c15ull ^ (blockIdx.x * 131u + blockIdx.y * 7u + blockIdx.z);
   for (int left = threads; left > 0; ++round) {
     for (int i = 0; i < threads; ++i) order[i] = (i + static_cast<int>(round)) % threads;
@@ -194,18 +198,23 @@ inline void run_cta(int threads, size_t smem_bytes) {
         std::swap(order[i], order[(seed >> 33) % (i + 1)]);
       }
     }
-    const uint64_t before = cta.progress;
-    int finished = 0;
+    // A window of rounds in which every fiber ran at least once must make progress, else no one ever will.
+    const bool skewed = config.schedule == 3;
+    if (round % kSkewWindow == 0 || !skewed) {
+      if (round > 0 && window_finished == 0 && cta.progress == window_progress)
+        fail("deadlock: a barrier or warp collective some threads never reach");
+      window_finished = 0;
+      window_progress = cta.progress;
+    }
     for (const int i : order) {
       Fiber& f = cta.fibers[i];
-      if (f.done) continue;
+      if (f.done || (skewed && round % (i / kWarp % 4 + 1) != 0)) continue;
       cta.current = i;
       threadIdx = f.tid;
       swapcontext(&cta.main, &f.ctx);
-      finished += f.done;
+      window_finished += f.done;
+      left -= f.done;
     }
-    left -= finished;
-    if (finished == 0 && cta.progress == before) fail("deadlock: a barrier or warp collective some threads never reach");
   }
   cta.current = -1;
 }
