@@ -41,8 +41,6 @@
 //
 // Rows that see no key keep l = 0: out 0, lse -inf. A NaN query makes l NaN (fmaxf ignores NaN, so the
 // running max stays finite and the NaN reaches l and acc): out and lse NaN, as the reference says.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -51,6 +49,7 @@
 #include <cstdint>
 
 #include "common/block_attention.h"
+#include "cuda/dtypes.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/ptx.cuh"
 
@@ -74,22 +73,6 @@ constexpr int kDefaultSmem = 48 * 1024;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-struct F16 {
-  static constexpr bool kBf16 = false;
-  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-struct BF16 {
-  static constexpr bool kBf16 = true;
-  static __device__ __forceinline__ uint16_t from_float(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
-
-template <class Tr>
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-  return uint32_t{Tr::from_float(lo)} | uint32_t{Tr::from_float(hi)} << 16;
-}
 
 // Launch geometry, from metadata only (make_plan): shared by the workspace query and the launch.
 struct Plan {

@@ -50,8 +50,6 @@
 //
 // Both paths skip the pruned positions, as every sparse kernel does: a non-finite x there (0 * inf in the
 // dense reference) does not reach the output.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -59,6 +57,7 @@
 #include <cstdint>
 
 #include "common/sparse24_mm.h"
+#include "cuda/dtypes.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/ptx.cuh"
 
@@ -83,32 +82,6 @@ constexpr int64_t kMaxSplits = 64;
 constexpr int kReduceThreads = 256;
 constexpr int kF32Rows = 8;  // rows of x per warp in the fp32 kernel
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// kLoScale: armor_linear stores an fp32 value v as hi = round(v) and lo = round((v - hi) * kLoScale), 2 to
-// the number of significant bits of the format, so that lo keeps its relative precision (a small fp16
-// remainder would otherwise be subnormal): v = hi + lo / kLoScale to about 2^-22 (fp16), 2^-17 (bf16).
-struct F16 {
-  using Storage = uint16_t;
-  static constexpr bool kBf16 = false;
-  static constexpr float kLoScale = 2048.f;
-  static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  static constexpr bool kBf16 = true;
-  static constexpr float kLoScale = 256.f;
-  static __device__ __forceinline__ float to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
-  static __device__ __forceinline__ uint16_t from_float(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
-
-struct F32 {
-  using Storage = float;
-  static __device__ __forceinline__ float to_float(float f) { return f; }
-  static __device__ __forceinline__ float from_float(float f) { return f; }
-};
 
 // armor_linear's wrap_out: blockdiag([size / bs, bs, bs] blocks) applied across N, or none (blocks NULL).
 struct Wrap {
@@ -499,7 +472,7 @@ __global__ void __launch_bounds__(kReduceThreads) wrap_in_kernel(const DllmSpars
     float v = 0.f;
     for (int64_t j = 0; j < wrap.bs; ++j) v = fmaf(Tr::to_float(a[j]), Tr::to_float(xr[j]), v);
     if constexpr (kHiLo) {
-      const uint16_t hi = Tr::from_float(v);
+      const uint16_t hi = Tr::from_float(v);  // lo scaled by Tr::kLoScale (cuda/dtypes.cuh)
       const float rest = v - Tr::to_float(hi);
       auto* out = static_cast<uint16_t*>(inner);
       out[2 * row * p.k + col] = hi;
