@@ -87,6 +87,13 @@ def run_cuda_emulation(
     return done.returncode, f"seed {seed}:\n" + (done.stdout + done.stderr).strip()
 
 
+def run_emulated_cases_on_gpu(name: str):
+    """Every case of the host emulation's suite ``name`` on the real CUDA kernels, on a fresh seed."""
+    suite = emulation_suite(name)
+    for case in suite.cases(torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))):
+        suite.run_on_gpu(case)
+
+
 def emulation_suite(name: str):
     """The module tests/cuda_emulation/<name>.py, whose cases the GPU tests also run on the real kernels."""
     import importlib.util

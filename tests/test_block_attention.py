@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close, emulation_suite, run_cuda_emulation
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, run_cuda_emulation, run_emulated_cases_on_gpu
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -455,6 +455,4 @@ def test_cuda_kernel_under_host_emulation(part, summary):
 def test_cuda_kernel_on_the_emulated_cases():
     """The real kernels on every case the host emulation runs (tests/cuda_emulation): the first GPU run
     checks what the emulation could not, the hardware itself."""
-    suite = emulation_suite("block_attention")
-    for case in suite.cases(torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))):
-        suite.run_on_gpu(case)
+    run_emulated_cases_on_gpu("block_attention")

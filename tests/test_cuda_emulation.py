@@ -39,8 +39,8 @@ DEFECTS = {
     "metadata of the wrong block": ("sparse24_mm", "const int r = t ^ b;", "const int r = b;"),
     "armor_linear's wrap_out block misplaced": (
         "sparse24_mm",
-        "const float* zc = z + (row - within) * cols + col;",
-        "const float* zc = z + row * cols + col;",
+        "store_wrapped<Tr>(p, wrap, z + (row - within) * cols + col,",
+        "store_wrapped<Tr>(p, wrap, z + row * cols + col,",
     ),
 }
 

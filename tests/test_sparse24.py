@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close, emulation_suite, python, run_cuda_emulation
+from helpers import (
+    DEVICES,
+    KERNEL_BACKENDS,
+    assert_close,
+    python,
+    run_cuda_emulation,
+    run_emulated_cases_on_gpu,
+)
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -375,6 +382,4 @@ def test_cuda_kernel_under_host_emulation(part, summary):
 def test_cuda_kernel_on_the_emulated_cases():
     """The real kernels on every case the host emulation runs (tests/cuda_emulation): the first GPU run
     checks what the emulation could not, the hardware itself."""
-    suite = emulation_suite("sparse24_mm")
-    for case in suite.cases(torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))):
-        suite.run_on_gpu(case)
+    run_emulated_cases_on_gpu("sparse24_mm")

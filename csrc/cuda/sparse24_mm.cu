@@ -208,25 +208,30 @@ __device__ __forceinline__ void stage_x(const DllmSparse24Params& p, bool vec_x,
   }
 }
 
+// out[m, n] = sum_j wrap[n / bs, n % bs, j] * block[j * stride] + bias[n]: one output of blockdiag(wrap) . z,
+// `block` pointing at z's first element of n's diagonal block.
+template <class Tr>
+__device__ __forceinline__ void store_wrapped(const DllmSparse24Params& p, const Wrap& wrap, const float* block,
+                                              int stride, int64_t m, int64_t n) {
+  const auto* a = static_cast<const typename Tr::Storage*>(wrap.blocks) + n * wrap.bs;  // row n % bs of its block
+  float sum = 0.f;
+  for (int j = 0; j < wrap.bs; ++j) sum = fmaf(Tr::to_float(a[j]), block[j * stride], sum);
+  if (p.bias != nullptr) sum += Tr::to_float(static_cast<const typename Tr::Storage*>(p.bias)[n]);
+  static_cast<typename Tr::Storage*>(p.out)[m * p.n + n] = Tr::from_float(sum);
+}
+
 // out[m, n] = sum_j wrap[n / bs, n % bs, j] * z[(n - n % bs + j), m] + bias[n] for the CTA's 64 rows of N
 // starting at n_base (a multiple of bs) and `cols` outputs m starting at m_base; z: [64][cols] fp32 in
 // shared memory. Consecutive threads take consecutive n (coalesced stores of out [M, N]).
 template <class Tr>
 __device__ __forceinline__ void wrap_out_tile(const DllmSparse24Params& p, const Wrap& wrap, const float* z,
                                               int cols, int64_t n_base, int64_t m_base, int64_t m_end) {
-  const auto* blocks = static_cast<const typename Tr::Storage*>(wrap.blocks);
-  const auto* bias = static_cast<const typename Tr::Storage*>(p.bias);
   for (int i = threadIdx.x; i < kRowsPerCta * cols; i += kThreads) {
     const int row = i % kRowsPerCta, col = i / kRowsPerCta;
     const int64_t n = n_base + row, m = m_base + col;
     if (n >= p.n || m >= m_end) continue;
     const int within = static_cast<int>(n % wrap.bs);
-    const auto* a = blocks + n * wrap.bs;  // row `within` of block n / bs: [bs] contiguous
-    const float* zc = z + (row - within) * cols + col;
-    float sum = 0.f;
-    for (int j = 0; j < wrap.bs; ++j) sum = fmaf(Tr::to_float(a[j]), zc[j * cols], sum);
-    if (bias != nullptr) sum += Tr::to_float(bias[n]);
-    static_cast<typename Tr::Storage*>(p.out)[m * p.n + n] = Tr::from_float(sum);
+    store_wrapped<Tr>(p, wrap, z + (row - within) * cols + col, cols, m, n);
   }
 }
 
@@ -435,8 +440,6 @@ template <class Tr>
 __global__ void __launch_bounds__(kReduceThreads)
     wrap_reduce_kernel(const DllmSparse24Params p, int64_t splits, const float* __restrict__ partial, const Wrap wrap) {
   __shared__ float z[kReduceThreads];
-  const auto* blocks = static_cast<const typename Tr::Storage*>(wrap.blocks);
-  const auto* bias = static_cast<const typename Tr::Storage*>(p.bias);
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
   for (int64_t m = blockIdx.y; m < p.m; m += gridDim.y) {
     float s = 0.f;
@@ -446,12 +449,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     z[threadIdx.x] = s;
     __syncthreads();
     if (n >= p.n) continue;
-    const int within = static_cast<int>(n % wrap.bs);
-    const auto* a = blocks + n * wrap.bs;
-    float sum = 0.f;
-    for (int j = 0; j < wrap.bs; ++j) sum = fmaf(Tr::to_float(a[j]), z[threadIdx.x - within + j], sum);
-    if (bias != nullptr) sum += Tr::to_float(bias[n]);
-    static_cast<typename Tr::Storage*>(p.out)[m * p.n + n] = Tr::from_float(sum);
+    store_wrapped<Tr>(p, wrap, z + threadIdx.x - n % wrap.bs, 1, m, n);
   }
 }
 
