@@ -126,6 +126,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, default=1)
+    parser.add_argument("--first-failure", action="store_true", help="stop at the first failing case")
     parser.add_argument("--schedule", type=int, choices=range(4), help="every case under this fiber schedule")
     parser.add_argument(
         "--copies-at-issue", type=int, choices=(0, 1), help="every case with this cp.async timing"
@@ -152,8 +153,9 @@ def main(argv=None):
         )
     generator = torch.Generator().manual_seed(args.seed)
     cases = list(suite.cases(generator))[args.part :: args.parts]
-    failures, started = [], time.time()
+    failures, started, ran = [], time.time(), 0
     for case in cases:
+        ran += 1
         # Each case its own schedule: fiber order, SM count (the device id too, see cuda_runtime.h), and
         # whether cp.async lands at issue or at the wait.
         schedule = int(torch.randint(0, 4, (), generator=generator))
@@ -171,8 +173,10 @@ def main(argv=None):
             failures.append(f"{label}\n{traceback.format_exc(limit=1)}")
         finally:
             memory.free()
+        if failures and args.first_failure:
+            break
     print(
-        f"{len(cases)} cases of {args.suite} (seed {args.seed}, part {args.part}/{args.parts}) in "
+        f"{ran} cases of {args.suite} (seed {args.seed}, part {args.part}/{args.parts}) in "
         f"{time.time() - started:.1f} s: {len(failures)} failed"
     )
     for failure in failures[:10]:
