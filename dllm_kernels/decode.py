@@ -222,6 +222,9 @@ RECIPES = {
 }
 
 
+# Recipes whose position j is predicted by the logits of position j - 1 (their step shifts the logits).
+SHIFTED_RECIPES = ("fast_dllm_v2", "dream")
+
 # Options every recipe passes through to logits_to_confidence (group and vocab_start: tensor-parallel).
 _PASS_THROUGH = ("banned", "seed", "offset", "group", "vocab_start")
 
@@ -235,6 +238,18 @@ def _recipe_options(recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (*(p.name for p in keyword), *_PASS_THROUGH), required
 
 
+def _recipe(name: str):
+    if name not in RECIPES:
+        raise ValueError(f"dllm::decode_step: recipe must be one of {', '.join(RECIPES)}; got {name!r}")
+    return RECIPES[name]
+
+
+def requires_k(recipe: str) -> bool:
+    """Whether ``recipe`` takes a per-step count ``k`` (a fixed number of steps per block) or decides its
+    count from the scores (threshold rules: a block ends when its last position is committed)."""
+    return "k" in _recipe_options(_recipe(recipe))[1]
+
+
 def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *, recipe: str, **options):
     """One decode step of ``recipe`` (one of ``RECIPES``): returns ``(x, selected, count)``, ``x`` updated
     in place. ``options`` are the recipe's keyword arguments (see each recipe's docstring) plus
@@ -243,9 +258,8 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     Tensor-parallel: with ``vocab_start`` (and ``group``, default the whole world) ``logits`` is this rank's
     vocabulary shard (``dllm_kernels.distributed``); every rank passes the same ``x`` and ``eligible`` and
     ends with the same ``x``, with no broadcast."""
-    if recipe not in RECIPES:
-        raise ValueError(f"dllm::decode_step: recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
-    names, required = _recipe_options(RECIPES[recipe])
+    run = _recipe(recipe)
+    names, required = _recipe_options(run)
     unknown = [name for name in options if name not in names]
     if unknown:
         raise TypeError(
@@ -255,4 +269,4 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     missing = [name for name in required if name not in options]
     if missing:
         raise TypeError(f"dllm::decode_step: recipe {recipe!r} needs {', '.join(missing)}; got none")
-    return RECIPES[recipe](logits, x, eligible, **options)
+    return run(logits, x, eligible, **options)

@@ -1,0 +1,726 @@
+"""A whole block-diffusion generation, written twice: as the frameworks write it, and with dllm-kernels.
+
+This file is the worked example of wiring the ops into a model. It holds:
+
+- ``TinyDLM``: a small diffusion LM with the LLaDA / Dream architecture (RMSNorm, RoPE, GQA, SwiGLU,
+  bidirectional attention, a mask token, LLaDA's 126464-token vocabulary), random weights from a seed.
+- ``framework_generate``: the loop of Fast-dLLM v1's ``llada/generate.py`` (``generate``,
+  ``generate_with_prefix_cache``, ``generate_with_dual_cache``), batched with left padding the way LLaDA's
+  ``generate`` takes an ``attention_mask``: SDPA with a dense mask, past K/V concatenated or replaced in
+  place, logits for every query position, the ``[B, L, V]`` fp64 softmax and a Python loop over rows with
+  host syncs (``get_transfer_index``).
+- ``library_generate``: the same generation with ``dllm_kernels``. Each line the library replaces is named
+  where it happens (search for "replaces"):
+
+  ==========================================  ==============================================================
+  framework                                   library
+  ==========================================  ==============================================================
+  left padding + a ``[B, 1, 1, L]`` key mask  ragged rows: per-row ``q_start`` / ``kv_len``, no pad keys
+  ``repeat_kv`` + SDPA with a dense mask      ``block_attention`` (GQA in the kernel, no mask)
+  ``torch.cat(past, new)`` / in-place replace ``block_attention(k_new=, v_new=)`` writes the cache
+  logits for every query position            the LM head on the rows the step decides only
+  ``get_transfer_index``: fp64 softmax,       ``decode_step(recipe=...)``: one pass over each eligible row,
+  ``topk`` per row, ``.item()`` syncs         no host sync
+  ``while (x == mask).sum() > 0`` per step    fixed-step recipes: no check; threshold recipes: a check the
+                                              GPU runs one step ahead of (CPU: free)
+  dense MLP                                   ``Sparse24Linear`` (``sparse_mlp=True``)
+  ==========================================  ==============================================================
+
+With greedy decoding and the same cache scheme both loops produce the same tokens; tests/test_generate.py
+checks it, and ``make bench BENCH_ARGS="--op generate"`` measures both. Run this file for a demo::
+
+    python examples/block_diffusion.py --batch 8 --cache dual --recipe fast_dllm
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dllm_kernels
+from dllm_kernels import schedules
+from dllm_kernels.nn import Sparse24Linear
+
+CACHES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 126464  # LLaDA's
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    intermediate: int = 688  # SwiGLU width, a multiple of 16 for the 2:4 layers
+    rope_theta: float = 500000.0  # LLaDA's
+    norm_eps: float = 1e-5
+    mask_id: int = 126336  # LLaDA's [MASK]
+    eos_id: int = 126081  # LLaDA's <|endoftext|>, also its left padding
+    # Standard deviation of a random-weight logit. A trained model is confident on most positions and a random
+    # one is not; at 24 the top-1 probability spreads over (0.4, 1) and Fast-dLLM's 0.9 threshold commits
+    # about 5 tokens a step, as it does with LLaDA on GSM8K.
+    logit_std: float = 24.0
+    # Scale of the q and k projections: at 3 each position attends to a few others, as in a trained model,
+    # so masked positions predict different tokens (at 1 a block's predictions repeat a few tokens).
+    attention_sharpness: float = 3.0
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, h):
+        normed = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(h.dtype)
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        linear = lambda i, o: torch.nn.Linear(i, o, bias=False)
+        self.attn_norm, self.mlp_norm = RMSNorm(c.hidden, c.norm_eps), RMSNorm(c.hidden, c.norm_eps)
+        self.q_proj = linear(c.hidden, c.heads * c.head_dim)
+        self.k_proj = linear(c.hidden, c.kv_heads * c.head_dim)
+        self.v_proj = linear(c.hidden, c.kv_heads * c.head_dim)
+        self.o_proj = linear(c.heads * c.head_dim, c.hidden)
+        self.gate_proj, self.up_proj = linear(c.hidden, c.intermediate), linear(c.hidden, c.intermediate)
+        self.down_proj = linear(c.intermediate, c.hidden)
+        self.sparse_mlp: torch.nn.ModuleDict | None = None  # Sparse24Linear copies, after prune_mlp_24()
+
+    def mlp(self, h, sparse: bool):
+        if sparse:  # replaces the dense projections: sparse24_mm reads 9/16 of the weight bytes
+            gate, up, down = (self.sparse_mlp[name] for name in ("gate_proj", "up_proj", "down_proj"))
+        else:
+            gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return down(F.silu(gate(h)) * up(h))
+
+
+def rope(t: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of ``t`` ``[B, S, H, D]`` at integer ``positions`` ``[B, S]``."""
+    half = t.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * inv_freq  # [B, S, D/2]
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    t1, t2 = t.float()[..., :half], t.float()[..., half:]
+    return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin), dim=-1).to(t.dtype)
+
+
+class TinyDLM(torch.nn.Module):
+    """A LLaDA / Dream-shaped diffusion LM with random weights from ``seed`` (no download).
+
+    ``forward_framework`` is how the Hugging Face models (and Fast-dLLM's patched LLaDA) run attention;
+    ``forward_library`` runs it with ``block_attention``. Everything else is one piece of code for both."""
+
+    def __init__(self, config: Config = Config(), *, seed: int = 0, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        c = self.config = config
+        self.embed = torch.nn.Embedding(c.vocab_size, c.hidden)
+        self.layers = torch.nn.ModuleList(Layer(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden, c.norm_eps)
+        self.lm_head = torch.nn.Linear(c.hidden, c.vocab_size, bias=False)
+        generator = torch.Generator().manual_seed(seed)
+        # Scales that make random weights behave like a trained model's where a generation can tell:
+        # sharp attention, layers that perturb the residual stream (o, down), a [MASK] embedding that
+        # carries little of its own, and a confident head.
+        scale = {
+            "q_proj": c.attention_sharpness,
+            "k_proj": c.attention_sharpness,
+            "o_proj": 0.5,
+            "down_proj": 0.5,
+            "lm_head": c.logit_std,
+        }
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    continue
+                fan_in = 1 if name == "embed.weight" else p.shape[1]
+                std = scale.get(name.split(".")[-2], 1.0)
+                p.copy_(torch.randn(p.shape, generator=generator) * std / math.sqrt(fan_in))
+            self.embed.weight[c.mask_id] *= 0.1
+            # A trained model never predicts [MASK]; its logit here is 0, far below any row's maximum.
+            self.lm_head.weight[c.mask_id] = 0
+        self.to(dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def prune_mlp_24(self):
+        """Prunes every MLP projection to 2:4 (largest |w| of each 4) and keeps a ``Sparse24Linear`` copy of
+        each for the library loop; the dense layers keep the pruned weights (zeros), so both loops compute
+        the same function."""
+        for layer in self.layers:
+            layer.sparse_mlp = torch.nn.ModuleDict()
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                dense = getattr(layer, name)
+                dense.weight.mul_(dllm_kernels.prune_24(dense.weight))
+                layer.sparse_mlp[name] = Sparse24Linear.from_linear(dense)
+        return self
+
+    def _layers(self, tokens, positions, attend, sparse_mlp=False):
+        """The transformer body. ``attend(index, q, k, v)`` is the attention of layer ``index``: ``q``
+        ``[B, S, Hq, D]``, ``k``, ``v`` ``[B, S, Hkv, D]`` (after RoPE) -> ``[B, S, Hq, D]``."""
+        c = self.config
+        h = self.embed(tokens)
+        n_rows, n_tokens = tokens.shape
+        for index, layer in enumerate(self.layers):
+            a = layer.attn_norm(h)
+            q = rope(layer.q_proj(a).view(n_rows, n_tokens, c.heads, c.head_dim), positions, c.rope_theta)
+            k = rope(layer.k_proj(a).view(n_rows, n_tokens, c.kv_heads, c.head_dim), positions, c.rope_theta)
+            v = layer.v_proj(a).view(n_rows, n_tokens, c.kv_heads, c.head_dim)
+            h = h + layer.o_proj(attend(index, q, k, v).reshape(n_rows, n_tokens, -1))
+            h = h + layer.mlp(layer.mlp_norm(h), sparse_mlp)
+        return self.norm(h)
+
+    def forward_framework(self, tokens, positions, key_mask, past=None, replace_start=None):
+        """The frameworks' forward: logits ``[B, S, V]`` for every token and the layers' K/V
+        ``[B, Hkv, T, D]``. ``key_mask`` ``[B, T]`` is False at left padding. ``past`` (a K/V pair per
+        layer) is either a prefix the new tokens follow (prefix cache: concatenated) or, with
+        ``replace_start``, the whole sequence whose slots from ``replace_start`` the new K/V replace in
+        place (dual cache)."""
+        c = self.config
+        group = c.heads // c.kv_heads
+        present = []
+
+        def attend(index, q, k, v):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+            if past is not None and replace_start is None:
+                k, v = torch.cat((past[index][0], k), dim=2), torch.cat((past[index][1], v), dim=2)
+            elif past is not None:
+                end = replace_start + q.shape[2]
+                past[index][0][:, :, replace_start:end] = k
+                past[index][1][:, :, replace_start:end] = v
+                k, v = past[index]
+            present.append((k, v))
+            # Hugging Face's repeat_kv, then a dense boolean mask over every key
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+            return out.transpose(1, 2)
+
+        hidden = self._layers(tokens, positions, attend)
+        return self.lm_head(hidden), present
+
+    def forward_library(self, tokens, q_start, kv_len, caches, logit_rows, sparse_mlp=False):
+        """The library's forward: ``tokens`` ``[B, W]`` sit at positions ``q_start[b] + i`` of each row's
+        cache (ragged rows, no padding); their K/V are written there and they attend to keys
+        ``[0, kv_len[b])``. Logits only for the window rows ``logit_rows`` ``[B, R]``."""
+        positions = q_start.long()[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+
+        def attend(index, q, k, v):
+            # replaces repeat_kv + the dense mask + SDPA + the cache update
+            out, _ = dllm_kernels.block_attention(
+                q, caches[index][0], caches[index][1], q_start, kv_len, k_new=k, v_new=v
+            )
+            return out
+
+        hidden = self._layers(tokens, positions, attend, sparse_mlp)
+        rows = hidden.gather(1, logit_rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.lm_head(rows)  # replaces logits for every query position
+
+    def new_caches(self, n_rows: int, length: int):
+        c = self.config
+        shape = (n_rows, length, c.kv_heads, c.head_dim)
+        p = self.lm_head.weight
+        return [
+            (
+                torch.zeros(shape, dtype=p.dtype, device=p.device),
+                torch.zeros(shape, dtype=p.dtype, device=p.device),
+            )
+            for _ in range(c.layers)
+        ]
+
+
+def make_prompts(config: Config, lengths: list[int], generator: torch.Generator | None = None, device="cpu"):
+    """Random prompts of the given lengths, left-padded with EOS as LLaDA's tokenizer pads them:
+    ``(prompt [B, P], attention_mask [B, P])`` with ``P = max(lengths)``."""
+    width = max(lengths)
+    prompt = torch.full((len(lengths), width), config.eos_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        tokens = torch.randint(0, config.vocab_size - 2, (n,), generator=generator)
+        tokens += tokens >= min(config.mask_id, config.eos_id)  # skip the special ids (both near the top)
+        tokens += tokens >= max(config.mask_id, config.eos_id)
+        prompt[row, width - n :] = tokens
+        attention_mask[row, width - n :] = True
+    return prompt.to(device), attention_mask.to(device)
+
+
+@dataclass
+class Stats:
+    """What a generation did: forward passes, and (``timed=True``) wall time split between the model's
+    forward and the decode step (selection and commit)."""
+
+    steps: int = 0
+    forward_s: float = 0.0
+    decode_s: float = 0.0
+    timed: bool = False
+    _device: torch.device | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.timed:
+            yield
+            return
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        start = time.perf_counter()
+        yield
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        setattr(self, f"{name}_s", getattr(self, f"{name}_s") + time.perf_counter() - start)
+
+
+def _check_lengths(gen_length: int, block_length: int, cache: str):
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}; got {cache!r}")
+    if block_length < 1 or gen_length % block_length:
+        raise ValueError(
+            f"gen_length must be a multiple of block_length; got {gen_length} and {block_length}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The framework loop: Fast-dLLM v1's llada/generate.py, with LLaDA's attention_mask for left padding.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_gumbel_noise(logits, temperature):
+    """LLaDA's: Gumbel-max in fp64 as exp(l) / (-log u)^T."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand_like(logits, dtype=torch.float64)
+    gumbel_noise = (-torch.log(noise)) ** temperature
+    return logits.exp() / gumbel_noise
+
+
+def get_num_transfer_tokens(mask_index, steps):
+    """LLaDA's: how many tokens each step of a block unmasks, the remainder on the first steps."""
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num_transfer_tokens = (
+        torch.zeros(mask_num.size(0), steps, device=mask_index.device, dtype=torch.int64) + base
+    )
+    for i in range(mask_num.size(0)):
+        num_transfer_tokens[i, : remainder[i]] += 1
+    return num_transfer_tokens
+
+
+def get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens, threshold=None):
+    """Fast-dLLM's (low_confidence remasking): the step's tokens and which positions take them."""
+    logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
+    x0 = torch.argmax(logits_with_noise, dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -np.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool, device=x0.device)
+    if threshold is not None:
+        num_transfer_tokens = mask_index.sum(dim=1, keepdim=True)
+    for j in range(confidence.shape[0]):
+        _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j])
+        transfer_index[j, select_index] = True
+        if threshold is not None:
+            for k in range(1, num_transfer_tokens[j]):
+                if confidence[j, select_index[k]] < threshold:
+                    transfer_index[j, select_index[k]] = False
+    return x0, transfer_index
+
+
+def _framework_eos_stop(x, prompt_width, block_end, eos_id, finished):
+    """Per row: after a block, everything past the first generated EOS becomes EOS and the row stops."""
+    for j in range(x.shape[0]):
+        hits = (x[j, prompt_width:block_end] == eos_id).nonzero()
+        if len(hits) > 0:
+            x[j, prompt_width + int(hits[0]) :] = eos_id
+            finished[j] = True
+
+
+@torch.no_grad()
+def framework_generate(
+    model: TinyDLM,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    gen_length: int = 64,
+    block_length: int = 32,
+    cache: str = "dual",
+    steps: int | None = None,
+    threshold: float | None = 0.9,
+    temperature: float = 0.0,
+    eos_stop: bool = False,
+    stats: Stats | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+):
+    """Greedy (or Gumbel) low-confidence decoding as Fast-dLLM runs it: ``threshold`` (Fast-dLLM) or, with
+    ``threshold=None``, ``steps`` in all with LLaDA's fixed counts per step. ``cache``: ``"none"`` (a full
+    forward every step), ``"prefix"`` (``generate_with_prefix_cache``) or ``"dual"``
+    (``generate_with_dual_cache``). ``on_step(x)`` sees the tokens after each step. Returns ``x``
+    ``[B, P + gen_length]``."""
+    _check_lengths(gen_length, block_length, cache)
+    c = model.config
+    stats = stats or Stats()
+    stats._device = prompt.device
+    n_rows, width = prompt.shape
+    x = torch.full((n_rows, width + gen_length), c.mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :width] = prompt.clone()
+    attention_mask = torch.cat(
+        [attention_mask, torch.ones(n_rows, gen_length, dtype=torch.bool, device=prompt.device)], dim=-1
+    )
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    num_blocks = gen_length // block_length
+    steps_per_block = (steps or gen_length) // num_blocks
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=prompt.device)
+    for num_block in range(num_blocks):
+        start, end = width + num_block * block_length, width + (num_block + 1) * block_length
+        num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == c.mask_id, steps_per_block)
+        i = 0
+        past = None
+        while True:
+            if (x[:, start:end] == c.mask_id).sum() == 0:
+                break
+            with stats.phase("forward"):
+                if cache == "none" or i == 0:  # the whole sequence (and, with a cache, its K/V)
+                    logits, present = model.forward_framework(x, position_ids, attention_mask)
+                    view_start, view = 0, x
+                    if cache == "prefix":
+                        past = [(k[:, :, :start], v[:, :, :start]) for k, v in present]
+                    elif cache == "dual":
+                        past = present
+                elif cache == "prefix":  # the block and everything after it, over the cached prefix
+                    view_start, view = start, x[:, start:]
+                    logits, _ = model.forward_framework(view, position_ids[:, start:], attention_mask, past)
+                else:  # the block, over the whole cached sequence, its own slots replaced
+                    view_start, view = start, x[:, start:end]
+                    logits, _ = model.forward_framework(
+                        view, position_ids[:, start:end], attention_mask, past, replace_start=start
+                    )
+            with stats.phase("decode"):
+                mask_index = view == c.mask_id
+                mask_index[:, end - view_start :] = False  # nothing past the block
+                k = None if threshold is not None else num_transfer_tokens[:, i]
+                x0, transfer_index = get_transfer_index(logits, temperature, mask_index, view, k, threshold)
+                view[transfer_index] = x0[transfer_index]
+            i += 1
+            stats.steps += 1
+            if on_step is not None:
+                on_step(x)
+        if eos_stop:
+            _framework_eos_stop(x, width, end, c.eos_id, finished)
+            if finished.all():
+                break
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The library loop.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _BlockDoneCheck:
+    """Whether every row's block is complete, read without stalling the device: on CUDA the flag of step
+    ``i`` is copied to pinned memory behind the step and read after step ``i + 1`` is queued (so a block
+    may run one extra step, which selects nothing); on CPU the flag is there already."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flags = (
+            [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)] if self.cuda else []
+        )
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        self.pending = None
+
+    def reset(self):
+        self.pending = None
+
+    def after_step(self, block_has_mask: torch.Tensor, step: int) -> bool:
+        """Called after each step is queued; True when a block is known to be complete."""
+        if not self.cuda:
+            return not bool(block_has_mask)
+        slot = step % 2
+        self.flags[slot].copy_(block_has_mask, non_blocking=True)
+        self.events[slot].record()
+        previous, self.pending = self.pending, slot
+        if previous is None:
+            return False
+        self.events[previous].synchronize()  # the step before this one: done while this one runs
+        return not bool(self.flags[previous])
+
+
+class LibraryGeneration:
+    """The library loop's state and its step. ``step(full, offset)`` has no host sync and no graph break:
+    ``torch.compile(fullgraph=True)`` takes it, and on CUDA it is captured once per window shape and
+    replayed. Everything a captured step reads is a tensor updated in place (``block_start``, ``k``)."""
+
+    def __init__(
+        self, model, prompt, attention_mask, *, gen_length, block_length, cache, recipe, options, sparse_mlp
+    ):
+        c = model.config
+        self.model, self.cache, self.recipe, self.options = model, cache, recipe, options
+        self.gen_length, self.block_length, self.sparse_mlp = gen_length, block_length, sparse_mlp
+        self.shift = 1 if recipe in dllm_kernels.decode.SHIFTED_RECIPES else 0  # j predicted at j - 1
+        device = prompt.device
+        n_rows, self.prompt_width = prompt.shape
+        self.length = self.prompt_width + gen_length
+        # replaces left padding and its key mask: each row's tokens are packed to the front (position p
+        # of row b is column p), so no key is padding and each row has its own prompt length and end.
+        self.prompt = prompt
+        self.pad = (~attention_mask).sum(1)
+        self.prompt_len = (self.prompt_width - self.pad).to(torch.int32)
+        self.kv_len = (self.length - self.pad).to(torch.int32)
+        self.columns = torch.arange(self.length, device=device)
+        left_padded = torch.cat(
+            [prompt, torch.full((n_rows, gen_length), c.mask_id, dtype=torch.long, device=device)], dim=1
+        )
+        packed = left_padded.gather(1, (self.columns + self.pad[:, None]).clamp(max=self.length - 1))
+        # past a row's end: EOS filler, never eligible and never attended to
+        self.x = torch.where(self.columns < self.kv_len[:, None], packed, c.eos_id)
+        self.caches = model.new_caches(n_rows, self.length)
+        self.row_start = torch.zeros(n_rows, dtype=torch.int32, device=device)
+        self.block_index = 0
+        self.block_start = self.prompt_len.clone()
+        self.k = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+
+    def set_block(self, index: int):
+        self.block_index = index
+        self.block_start.copy_(self.prompt_len + index * self.block_length)
+
+    def window(self, full: bool) -> tuple[torch.Tensor, int]:
+        """``(q_start, width)`` of a step's queries: the whole row, or the cache scheme's window (the
+        block, or the block and all after it; from one position earlier for shifted recipes)."""
+        if full or self.cache == "none":
+            return self.row_start, self.length
+        width = (
+            self.block_length
+            if self.cache == "dual"
+            else self.gen_length - self.block_index * self.block_length
+        )
+        return self.block_start - self.shift, width + self.shift
+
+    def decided(self) -> torch.Tensor:
+        """``[B, block_length + shift]``: the positions whose logits a step reads (the block's, or with a
+        shift the ones just before)."""
+        span = torch.arange(self.block_length + self.shift, device=self.x.device)
+        return self.block_start.long()[:, None] - self.shift + span
+
+    def forward(self, full: bool) -> torch.Tensor:
+        q_start, width = self.window(full)
+        queries = q_start.long()[:, None] + torch.arange(width, device=self.x.device)
+        tokens = self.x.gather(1, queries)
+        rows = self.decided() - q_start.long()[:, None]
+        return self.model.forward_library(tokens, q_start, self.kv_len, self.caches, rows, self.sparse_mlp)
+
+    def decode(self, logits: torch.Tensor, offset: int):
+        positions = self.decided()
+        x_block = self.x.gather(1, positions)
+        eligible = x_block == self.model.config.mask_id
+        k = {"k": self.k} if dllm_kernels.decode.requires_k(self.recipe) else {}
+        # replaces get_transfer_index: the fp64 [B, L, V] softmax and the per-row topk loop with host syncs
+        dllm_kernels.decode_step(
+            logits, x_block, eligible, recipe=self.recipe, offset=offset, **k, **self.options
+        )
+        self.x.scatter_(1, positions, x_block)
+
+    def step(self, full: bool, offset: int):
+        self.decode(self.forward(full), offset)
+
+    def block_masked(self) -> torch.Tensor:
+        """``[B]`` masked positions left in each row's block."""
+        block = (self.columns >= self.block_start[:, None]) & (
+            self.columns < self.block_start[:, None] + self.block_length
+        )
+        return ((self.x == self.model.config.mask_id) & block).sum(1)
+
+    def eos_stop(self):
+        """After a block, per row: everything past the first generated EOS becomes EOS and the row stops
+        (tensor ops: no sync)."""
+        eos_id = self.model.config.eos_id
+        generated = (self.columns >= self.prompt_len[:, None]) & (
+            self.columns < self.block_start[:, None] + self.block_length
+        )
+        is_eos = (self.x == eos_id) & generated
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), self.length)
+        self.x.masked_fill_(self.columns >= first[:, None], eos_id)
+        self.finished |= first < self.length
+
+    def _generated(self) -> torch.Tensor:
+        return self.prompt_len.long()[:, None] + torch.arange(self.gen_length, device=self.x.device)
+
+    def tokens(self) -> torch.Tensor:
+        """The tokens in the framework's left-padded layout ``[B, P + gen_length]``."""
+        return torch.cat([self.prompt, self.x.gather(1, self._generated())], dim=1)
+
+    def set_tokens(self, tokens: torch.Tensor):
+        """Takes the generated part of ``tokens`` (left-padded layout) as the current state, in place."""
+        self.x.scatter_(1, self._generated(), tokens[:, self.prompt_width :])
+
+
+class _CudaGraphs:
+    """A step captured once per window shape and replayed: one launch a step, no Python per kernel. The
+    first step of a shape runs eagerly (it warms up the kernels), the next ones replay."""
+
+    def __init__(self, generation: LibraryGeneration):
+        self.generation, self.graphs = generation, {}
+
+    def __call__(self, full: bool, offset: int):
+        key = (full, self.generation.window(full)[1])
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        self.generation.step(full, offset)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.generation.step(full, offset)  # recorded, not run
+        self.graphs[key] = graph
+
+
+@torch.no_grad()
+def library_generate(
+    model: TinyDLM,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    gen_length: int = 64,
+    block_length: int = 32,
+    cache: str = "dual",
+    recipe: str = "fast_dllm",
+    steps: int | None = None,
+    eos_stop: bool = False,
+    sparse_mlp: bool = False,
+    cuda_graph: bool | None = None,
+    compile: str | None = None,
+    stats: Stats | None = None,
+    on_step: Callable[[LibraryGeneration], None] | None = None,
+    **options,
+):
+    """The same generation with dllm-kernels: ``block_attention`` with the same cache scheme and its fused
+    K/V write, ``decode_step(recipe=...)`` for every step (any recipe; ``options`` are the recipe's),
+    optionally ``Sparse24Linear`` MLP projections (``sparse_mlp``; call ``model.prune_mlp_24()`` first).
+
+    Recipes that take a count ``k`` run ``steps`` steps in all, as LLaDA does (``schedules`` gives the
+    counts: Dream's for ``dream``, LLaDA's for the others); the others run until the block is complete.
+    ``cuda_graph`` (default: on CUDA at ``temperature == 0``; the sampling offset of a replayed step would
+    be its capture's) replays each step from a CUDA graph; ``compile`` (a ``torch.compile`` backend name)
+    compiles the step with ``fullgraph=True``. ``on_step(generation)`` is called after each step (its
+    ``tokens()`` are the current ones). Returns ``x`` ``[B, P + gen_length]`` as ``framework_generate``
+    does."""
+    _check_lengths(gen_length, block_length, cache)
+    if sparse_mlp and model.layers[0].sparse_mlp is None:
+        raise ValueError("sparse_mlp=True needs model.prune_mlp_24() first")
+    stats = stats or Stats()
+    stats._device = prompt.device
+    # The random numbers of a step are keyed by its index (decode_step's int offset), which a captured
+    # graph would replay and a compiled step would specialise on.
+    sampling = options.get("temperature", 0.0) > 0 or options.get("remasking") == "random"
+    if cuda_graph is None:
+        cuda_graph = prompt.device.type == "cuda" and not sampling and not stats.timed
+    if cuda_graph and prompt.device.type != "cuda":
+        raise ValueError(f"cuda_graph needs CUDA tensors; got {prompt.device.type}")
+    if sampling and (cuda_graph or compile is not None):
+        raise ValueError("cuda_graph and compile run greedy steps only (temperature=0, no random remasking)")
+    generation = LibraryGeneration(
+        model,
+        prompt,
+        attention_mask,
+        gen_length=gen_length,
+        block_length=block_length,
+        cache=cache,
+        recipe=recipe,
+        options=options,
+        sparse_mlp=sparse_mlp,
+    )
+    step = generation.step
+    if compile is not None:
+        step = torch.compile(step, fullgraph=True, backend=compile)
+    if cuda_graph:
+        step = _CudaGraphs(generation)
+    fixed_steps = dllm_kernels.decode.requires_k(recipe)
+    num_blocks = gen_length // block_length
+    steps_per_block = (steps or gen_length) // num_blocks if fixed_steps else block_length
+    done = _BlockDoneCheck(prompt.device)
+    for index in range(num_blocks):
+        generation.set_block(index)
+        done.reset()
+        if fixed_steps and recipe != "dream":
+            counts = schedules.llada_transfer_counts(generation.block_masked(), steps_per_block)
+        for i in range(steps_per_block):
+            if fixed_steps:
+                if recipe == "dream":
+                    generation.k.copy_(
+                        schedules.dream_transfer_count(generation.block_masked(), i, steps_per_block)
+                    )
+                else:
+                    generation.k.copy_(counts[:, i])
+            if stats.timed:
+                with stats.phase("forward"):
+                    logits = generation.forward(i == 0)
+                with stats.phase("decode"):
+                    generation.decode(logits, stats.steps if sampling else 0)
+            else:
+                step(i == 0, stats.steps if sampling else 0)
+            stats.steps += 1
+            if on_step is not None:
+                on_step(generation)
+            if not fixed_steps and done.after_step(generation.block_masked().sum() > 0, i):
+                break
+        if eos_stop:
+            generation.eos_stop()
+            if generation.finished.all():
+                break
+    return generation.tokens()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cache", choices=CACHES, default="dual")
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM's; the library: fast_dllm")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model = TinyDLM(device=args.device)
+    lengths = torch.randint(8, 33, (args.batch,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt, attention_mask = make_prompts(
+        model.config, lengths, torch.Generator().manual_seed(2), args.device
+    )
+    common = dict(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache)
+    outputs = {}
+    for name, run in (
+        (
+            "framework",
+            lambda s: framework_generate(
+                model, prompt, attention_mask, threshold=args.threshold, stats=s, **common
+            ),
+        ),
+        (
+            "library",
+            lambda s: library_generate(
+                model, prompt, attention_mask, threshold=args.threshold, stats=s, **common
+            ),
+        ),
+    ):
+        stats = Stats()
+        start = time.perf_counter()
+        outputs[name] = run(stats)
+        seconds = time.perf_counter() - start
+        print(
+            f"{name:9s}: {args.batch * args.gen_length / seconds:7.1f} tokens/s, {stats.steps} steps, "
+            f"{seconds / stats.steps * 1e3:6.1f} ms a step"
+        )
+    print("same tokens:", torch.equal(outputs["framework"], outputs["library"]))
+
+
+if __name__ == "__main__":
+    main()

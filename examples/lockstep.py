@@ -1,0 +1,113 @@
+"""Runs the framework loop and the library loop of ``block_diffusion`` side by side and says whether they
+generate the same tokens, step by step.
+
+The two loops compute the same function in a different float order: ``block_attention`` sums a row over
+exactly its keys, SDPA over the padded row with the padding masked out, so logits differ by float
+rounding (about 1e-6 relative, measured with ragged prompts). A decision whose margin is smaller than
+that can go either way: an argmax whose top two logits are that close, a probability that close to the
+threshold, or two probabilities that close at the top-k boundary. So does a probability that fp32
+(the library's) rounds to 1.0 where fp64 (the framework's) still tells two positions apart. The
+comparison records the framework's margin at every step; where the loops differ and the framework's
+margin was below ``tie_margin``, the library is handed the framework's tokens and goes on (a counted
+tie); a difference at any wider margin fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import block_diffusion as bd
+import torch
+import torch.nn.functional as F
+
+# (logits, probabilities): ten times the largest difference measured between the loops' logits and
+# probabilities on the test models.
+TIE_MARGIN = (1e-3, 1e-4)
+
+
+@dataclass
+class Comparison:
+    framework: torch.Tensor
+    library: torch.Tensor
+    framework_steps: int
+    library_steps: int
+    ties: list[int] = field(default_factory=list)  # framework steps where a near tie went another way
+
+    @property
+    def same(self) -> bool:
+        return torch.equal(self.framework, self.library) and self.framework_steps == self.library_steps
+
+
+def _margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index):
+    """(logit margin, probability margin) of one framework step: how far its decisions were from a tie."""
+    top2 = logits.float().topk(2, dim=-1).values
+    committed = transfer_index & mask_index
+    logit_margin = (top2[..., 0] - top2[..., 1])[committed].min().item() if committed.any() else math.inf
+    confidence = F.softmax(logits.to(torch.float64), dim=-1).max(-1).values
+    prob_margin = math.inf
+    for row in range(confidence.shape[0]):
+        ranked = confidence[row][mask_index[row]].sort(descending=True).values
+        if len(ranked) == 0:
+            continue
+        if threshold is not None:
+            prob_margin = min(prob_margin, (ranked - threshold).abs().min().item())
+            if len(ranked) > 1 and ranked[0] < threshold:  # the best one is taken anyway: its rank matters
+                prob_margin = min(prob_margin, (ranked[0] - ranked[1]).item())
+        else:
+            k = int(num_transfer_tokens[row])
+            if 0 < k < len(ranked):
+                prob_margin = min(prob_margin, (ranked[k - 1] - ranked[k]).item())
+    return logit_margin, prob_margin
+
+
+def compare(model, prompt, attention_mask, *, framework: dict, library: dict, tie_margin=TIE_MARGIN):
+    """Runs ``framework_generate(**framework)`` and ``library_generate(**library)`` (the common arguments
+    in both) and compares every step; raises ``AssertionError`` at a difference no near tie explains."""
+    margins, states = [], []
+    upstream = bd.get_transfer_index
+
+    def recorded(logits, temperature, mask_index, x, num_transfer_tokens, threshold=None):
+        x0, transfer_index = upstream(logits, temperature, mask_index, x, num_transfer_tokens, threshold)
+        margins.append(_margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index))
+        return x0, transfer_index
+
+    framework_stats = bd.Stats()
+    bd.get_transfer_index = recorded
+    try:
+        x_framework = bd.framework_generate(
+            model,
+            prompt,
+            attention_mask,
+            stats=framework_stats,
+            on_step=lambda x: states.append(x.clone()),
+            **framework,
+        )
+    finally:
+        bd.get_transfer_index = upstream
+
+    ties = []
+    library_steps = 0
+    previous = None
+
+    def check(generation):
+        nonlocal library_steps, previous
+        tokens = generation.tokens()
+        if previous is not None and torch.equal(tokens, previous):
+            return  # a step that committed nothing (on CUDA, the one run before a block is known done)
+        step, library_steps = library_steps, library_steps + 1
+        assert step < len(states), f"the library loop runs more steps than the framework's {len(states)}"
+        if not torch.equal(tokens, states[step]):
+            logit_margin, prob_margin = margins[step]
+            rows = (tokens != states[step]).any(1).nonzero().flatten().tolist()
+            assert logit_margin < tie_margin[0] or prob_margin < tie_margin[1], (
+                f"step {step}: the loops differ in rows {rows}, and the framework's decisions were "
+                f"{logit_margin:.3g} (logits) and {prob_margin:.3g} (probabilities) from a tie"
+            )
+            ties.append(step)
+            generation.set_tokens(states[step])
+            tokens = states[step]
+        previous = tokens
+
+    x_library = bd.library_generate(model, prompt, attention_mask, on_step=check, **library)
+    return Comparison(x_framework, x_library, len(states), library_steps, ties)

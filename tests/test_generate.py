@@ -1,0 +1,235 @@
+"""The worked example (examples/block_diffusion.py): a whole generation with the library gives the
+framework loop's tokens.
+
+Token equality goes through examples/lockstep.py: the two loops run side by side and must agree after
+every step. The loops differ in float rounding only (block_attention sums a row over exactly its keys,
+SDPA over the left-padded row with the padding masked), so a decision within rounding of a tie may go
+either way: there, and only there, the comparison hands the library the framework's tokens and counts a
+tie (printed at the end of the run). Fast-dLLM's threshold runs on the default confident head; LLaDA's
+fixed-count top-k runs on a head with logit_std 8, where fp32 (the library's probabilities) does not
+round the best positions to exactly 1.0 and so leaves the top-k boundary to real differences.
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DEVICES, KERNEL_BACKENDS
+
+import dllm_kernels
+from dllm_kernels.ops import select_unmask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import block_diffusion as bd
+import lockstep
+
+# A small model for the tests: V not a power of two, D = 64 (every attention backend), GQA 2:1.
+SMALL = bd.Config(
+    vocab_size=3001,
+    mask_id=3000,
+    eos_id=2999,
+    hidden=128,
+    heads=2,
+    kv_heads=1,
+    head_dim=64,
+    intermediate=352,
+    layers=2,
+)
+GEN, BLOCK = 48, 16  # three blocks
+FRAMEWORK = {"fast_dllm": dict(threshold=0.9), "llada": dict(threshold=None, steps=24)}
+LIBRARY = {"fast_dllm": dict(recipe="fast_dllm", threshold=0.9), "llada": dict(recipe="llada", steps=24)}
+LOGIT_STD = {"fast_dllm": 24.0, "llada": 8.0}
+
+
+def model_for(recipe="fast_dllm", config=SMALL, device="cpu", dtype=torch.float32):
+    seed = int(torch.randint(2**31, ()))
+    return bd.TinyDLM(
+        dataclasses.replace(config, logit_std=LOGIT_STD[recipe]), seed=seed, device=device, dtype=dtype
+    )
+
+
+def ragged_prompts(config, rows, device="cpu"):
+    """Left-padded prompts of random lengths in [1, 24]; the first row is 24 long and the second 1."""
+    lengths = torch.randint(1, 25, (rows,))
+    lengths[0] = 24
+    if rows > 1:
+        lengths[1] = 1
+    generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    return bd.make_prompts(config, lengths.tolist(), generator, device)
+
+
+def compare(model, prompt, attention_mask, recipe, cache, summary, eos_stop=False, **library):
+    common = dict(gen_length=GEN, block_length=BLOCK, cache=cache, eos_stop=eos_stop)
+    result = lockstep.compare(
+        model,
+        prompt,
+        attention_mask,
+        framework={**common, **FRAMEWORK[recipe]},
+        library={**common, **LIBRARY[recipe], **library},
+    )
+    if result.ties:
+        summary(
+            "generate: steps where a near tie went another way (the library took the framework's tokens)",
+            f"{recipe}, {cache} cache, B = {len(prompt)}: steps {result.ties} of {result.framework_steps}",
+        )
+    assert result.same
+    return result
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache", bd.CACHES)
+@pytest.mark.parametrize("recipe", ["fast_dllm", "llada"])
+def test_library_loop_generates_the_framework_tokens(recipe, cache, device, summary):
+    model = model_for(recipe, device=device)
+    prompt, attention_mask = ragged_prompts(SMALL, 4, device)
+    result = compare(model, prompt, attention_mask, recipe, cache, summary)
+    masked = result.library[:, prompt.shape[1] :] == SMALL.mask_id
+    assert not masked.any(), "a generation ends with every position decided"
+    assert torch.equal(result.library[:, : prompt.shape[1]], prompt), "the prompt is never written"
+
+
+def test_llada_vocabulary(summary):
+    """The default model (LLaDA's 126464-token vocabulary and ids), one row alone and two ragged ones."""
+    model = model_for(config=bd.Config(layers=1))
+    for rows in (1, 2):
+        prompt, attention_mask = ragged_prompts(model.config, rows)
+        compare(model, prompt, attention_mask, "fast_dllm", "dual", summary)
+
+
+def test_sparse_mlp(summary):
+    """2:4 MLP projections: the framework multiplies the pruned dense weights, the library Sparse24Linear."""
+    model = model_for().prune_mlp_24()
+    prompt, attention_mask = ragged_prompts(SMALL, 3)
+    for cache in ("prefix", "dual"):
+        compare(model, prompt, attention_mask, "fast_dllm", cache, summary, sparse_mlp=True)
+
+
+def test_compiled_step_has_no_graph_break(summary):
+    """torch.compile(fullgraph=True) of the library step, through every window shape of a generation:
+    a graph break or a host sync inside the step fails the compile."""
+    model = model_for()
+    prompt, attention_mask = ragged_prompts(SMALL, 3)
+    for cache in bd.CACHES:
+        torch._dynamo.reset()  # each scheme compiles its own window shapes
+        compare(model, prompt, attention_mask, "fast_dllm", cache, summary, compile="aot_eager")
+
+
+def test_eos_stops_a_row(summary):
+    """A row stops at the end of the block where it generated EOS (every later position becomes EOS), and a
+    batch whose rows all stopped runs no further block. EOS is a token the model generates in row 0's first
+    block, so the premise holds for every draw."""
+    model = model_for()
+    config = model.config
+    prompt, attention_mask = ragged_prompts(SMALL, 3)
+    width = prompt.shape[1]
+
+    def generated_eos(prompt, attention_mask, cache):
+        """(a token row 0 generates in its first block, the steps of that block) without a stop."""
+        model.config = config
+        blocks = []
+        x = bd.library_generate(
+            model,
+            prompt,
+            attention_mask,
+            gen_length=GEN,
+            block_length=BLOCK,
+            cache=cache,
+            on_step=lambda generation: blocks.append(generation.block_index),
+        )
+        eos = int(x[0, width + int(torch.randint(BLOCK, ()))])
+        model.config = dataclasses.replace(config, eos_id=eos)
+        return eos, blocks.count(0)
+
+    for cache in bd.CACHES:
+        eos, _ = generated_eos(prompt, attention_mask, cache)
+        generated = compare(model, prompt, attention_mask, "fast_dllm", cache, summary, eos_stop=True).library
+        generated = generated[:, width:]
+        for row in generated:
+            hits = (row == eos).nonzero().flatten()
+            if len(hits):
+                assert (row[hits[0] :] == eos).all(), "everything after a row's first EOS is EOS"
+        assert (generated[0] == eos).nonzero()[0] < BLOCK, "row 0 stops in its first block"
+
+        _, first_block_steps = generated_eos(prompt[:1], attention_mask[:1], cache)
+        stats = bd.Stats()
+        bd.library_generate(
+            model,
+            prompt[:1],
+            attention_mask[:1],
+            gen_length=GEN,
+            block_length=BLOCK,
+            cache=cache,
+            eos_stop=True,
+            stats=stats,
+        )
+        assert stats.steps == first_block_steps, "a batch whose rows all stopped runs no further block"
+
+
+@pytest.mark.parametrize("recipe", ["llada", "dream"])
+def test_sampling_gives_the_same_tokens_on_every_backend(recipe):
+    """temperature > 0: the tokens come from decode_step's counter-based generator, keyed by (seed, step,
+    row, token), so every backend draws the same ones. llada uses random remasking (scores from the same
+    generator); dream (a shifted recipe) ranks by probability, where backends could part only at a tie
+    within fp32 rounding of two probabilities."""
+    model = model_for("llada")
+    prompt, attention_mask = ragged_prompts(SMALL, 2)
+    options = dict(
+        gen_length=32, block_length=16, cache="dual", recipe=recipe, steps=8, temperature=1.0, seed=7
+    )
+    if recipe == "llada":
+        options["remasking"] = "random"
+    with dllm_kernels.use_backend("reference"):
+        want = bd.library_generate(model, prompt, attention_mask, **options)
+    for backend in KERNEL_BACKENDS:
+        if select_unmask.dispatcher.why_not(backend, prompt.device, prompt.float(), explicit=True):
+            continue
+        with dllm_kernels.use_backend(backend):
+            got = bd.library_generate(model, prompt, attention_mask, **options)
+        assert torch.equal(got, want), f"{backend} draws other tokens than the reference"
+    other = bd.library_generate(model, prompt, attention_mask, **{**options, "seed": 8})
+    assert not torch.equal(other, want), "another seed draws other tokens"
+
+
+@pytest.mark.parametrize("recipe", ["dream", "fast_dllm_v2", "sdar", "dparallel"])
+@pytest.mark.parametrize("cache", bd.CACHES)
+def test_every_recipe_completes_a_generation(recipe, cache):
+    """The recipes the framework loop does not transcribe: every block is decided, the prompt is kept, and a
+    fixed-count recipe takes exactly its steps."""
+    model = model_for()
+    prompt, attention_mask = ragged_prompts(SMALL, 3)
+    stats = bd.Stats()
+    options = dict(steps=24) if dllm_kernels.decode.requires_k(recipe) else {}
+    x = bd.library_generate(
+        model,
+        prompt,
+        attention_mask,
+        gen_length=GEN,
+        block_length=BLOCK,
+        cache=cache,
+        recipe=recipe,
+        stats=stats,
+        **options,
+    )
+    assert torch.equal(x[:, : prompt.shape[1]], prompt)
+    assert not (x[:, prompt.shape[1] :] == SMALL.mask_id).any()
+    if options:
+        assert stats.steps == 24
+
+
+def test_errors():
+    model = model_for()
+    prompt, attention_mask = ragged_prompts(SMALL, 2)
+    with pytest.raises(ValueError, match="cache must be one of"):
+        bd.library_generate(model, prompt, attention_mask, cache="paged")
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        bd.library_generate(model, prompt, attention_mask, gen_length=40, block_length=16)
+    with pytest.raises(ValueError, match="prune_mlp_24"):
+        bd.library_generate(model, prompt, attention_mask, sparse_mlp=True)
+    with pytest.raises(ValueError, match="cuda_graph needs CUDA"):
+        bd.library_generate(model, prompt, attention_mask, cuda_graph=True)
+    with pytest.raises(ValueError, match="greedy steps only"):
+        bd.library_generate(model, prompt, attention_mask, compile="aot_eager", temperature=0.5)
+    with pytest.raises(ValueError, match="dllm::decode_step: recipe must be one of"):
+        bd.library_generate(model, prompt, attention_mask, recipe="nope")
