@@ -44,9 +44,10 @@ class Case:
     flops: int | None = None
     baseline_flops: dict[str, int | None] = field(default_factory=dict)  # None: a baseline that only reads
     cuda_graph: bool = False  # on CUDA, time the backends as a replay of one captured call
-    # Cases timed in other processes (a torch.distributed world): ``timed(min_seconds)`` checks the outputs
-    # there and returns the median ms of every backend and baseline, by name; run and check are then unused.
-    timed: Callable[[float], dict[str, float]] | None = None
+    # Cases timed by their own code (in a torch.distributed world, or a whole generation): ``timed(min_seconds)``
+    # checks the outputs and returns the median ms of every backend and baseline by name, or (ms, extra) with
+    # more figures for the table and the JSON (tokens/s, ...); run and check are then unused.
+    timed: Callable[[float], dict[str, float | tuple[float, dict[str, float]]]] | None = None
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Result:
     gbps: float
     tflops: float | None
     ratios: dict[str, float] = field(default_factory=dict)  # baseline time / this time
+    extra: dict[str, float] = field(default_factory=dict)  # a timed case's own figures, by column name
 
 
 def _sync(device: torch.device):
@@ -143,10 +145,11 @@ def measure(
     case: Case, device: torch.device, min_seconds: float, progress: Callable[[str], None]
 ) -> list[Result]:
     def result(impl, kind, ms):
+        ms, extra = ms if isinstance(ms, tuple) else (ms, {})
         gbps = case.baseline_bytes.get(impl, case.bytes) / (ms * 1e-3) / 1e9
         flops = case.baseline_flops.get(impl, case.flops)
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
-        return Result(case.op, case.label, impl, kind, ms, gbps, tflops)
+        return Result(case.op, case.label, impl, kind, ms, gbps, tflops, extra=extra)
 
     if case.timed is not None:
         progress(f"{case.op} {case.label}: check and time in a local world")
@@ -192,8 +195,9 @@ def device_name(device: torch.device) -> str:
 def format_table(results: list[Result]) -> str:
     baselines = list(dict.fromkeys(n for r in results for n in r.ratios))
     with_flops = any(r.tflops is not None for r in results)
+    extras = list(dict.fromkeys(name for r in results for name in r.extra))
     header = ["op", "case", "impl", "median ms", "GB/s"] + ["TFLOP/s"] * with_flops
-    header += [f"x vs {b}" for b in baselines]
+    header += [f"x vs {b}" for b in baselines] + extras
     rows = [
         [
             r.op,
@@ -204,6 +208,7 @@ def format_table(results: list[Result]) -> str:
         ]
         + ["" if r.tflops is None else f"{r.tflops:.2f}"] * with_flops
         + [f"{r.ratios[b]:.2f}" if b in r.ratios else "" for b in baselines]
+        + [f"{r.extra[name]:.4g}" if name in r.extra else "" for name in extras]
         for r in results
     ]
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
