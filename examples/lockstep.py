@@ -39,8 +39,9 @@ class Comparison:
         return torch.equal(self.framework, self.library) and self.framework_steps == self.library_steps
 
 
-def _margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index):
-    """(logit margin, probability margin) of one framework step: how far its decisions were from a tie."""
+def margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index):
+    """(logit margin, probability margin) of one step: how far its decisions were from a tie. ``logits`` are
+    those of ``mask_index``'s positions; ``threshold`` None: the ``num_transfer_tokens`` best are taken."""
     top2 = logits.float().topk(2, dim=-1).values
     committed = transfer_index & mask_index
     logit_margin = (top2[..., 0] - top2[..., 1])[committed].min().item() if committed.any() else math.inf
@@ -64,12 +65,12 @@ def _margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index)
 def compare(model, prompt, attention_mask, *, framework: dict, library: dict, tie_margin=TIE_MARGIN):
     """Runs ``framework_generate(**framework)`` and ``library_generate(**library)`` (the common arguments
     in both) and compares every step; raises ``AssertionError`` at a difference no near tie explains."""
-    margins, states = [], []
+    step_margins, states = [], []
     upstream = bd.get_transfer_index
 
     def recorded(logits, temperature, mask_index, x, num_transfer_tokens, threshold=None):
         x0, transfer_index = upstream(logits, temperature, mask_index, x, num_transfer_tokens, threshold)
-        margins.append(_margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index))
+        step_margins.append(margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index))
         return x0, transfer_index
 
     framework_stats = bd.Stats()
@@ -98,7 +99,7 @@ def compare(model, prompt, attention_mask, *, framework: dict, library: dict, ti
         step, library_steps = library_steps, library_steps + 1
         assert step < len(states), f"the library loop runs more steps than the framework's {len(states)}"
         if not torch.equal(tokens, states[step]):
-            logit_margin, prob_margin = margins[step]
+            logit_margin, prob_margin = step_margins[step]
             rows = (tokens != states[step]).any(1).nonzero().flatten().tolist()
             assert logit_margin < tie_margin[0] or prob_margin < tie_margin[1], (
                 f"step {step}: the loops differ in rows {rows}, and the framework's decisions were "

@@ -167,19 +167,15 @@ def test_eos_stops_a_row(summary):
         assert stats.steps == first_block_steps, "a batch whose rows all stopped runs no further block"
 
 
-@pytest.mark.parametrize("recipe", ["llada", "dream"])
-def test_sampling_gives_the_same_tokens_on_every_backend(recipe):
-    """temperature > 0: the tokens come from decode_step's counter-based generator, keyed by (seed, step,
-    row, token), so every backend draws the same ones. llada uses random remasking (scores from the same
-    generator); dream (a shifted recipe) ranks by probability, where backends could part only at a tie
-    within fp32 rounding of two probabilities."""
-    model = model_for("llada")
-    prompt, attention_mask = ragged_prompts(SMALL, 2)
-    options = dict(
-        gen_length=32, block_length=16, cache="dual", recipe=recipe, steps=8, temperature=1.0, seed=7
-    )
-    if recipe == "llada":
-        options["remasking"] = "random"
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_gives_the_same_tokens_on_every_backend(device):
+    """temperature > 0 with random remasking: tokens and scores come from decode_step's counter-based
+    generator, keyed by (seed, step, row, token), so every backend draws the same ones (they could part only
+    where two noisy logits of a row lie within the backends' rounding of each other)."""
+    model = model_for("llada", device=device)
+    prompt, attention_mask = ragged_prompts(SMALL, 2, device)
+    options = dict(gen_length=32, block_length=16, recipe="llada", steps=8, temperature=1.0, seed=7)
+    options["remasking"] = "random"
     with dllm_kernels.use_backend("reference"):
         want = bd.library_generate(model, prompt, attention_mask, **options)
     for backend in KERNEL_BACKENDS:
@@ -190,6 +186,100 @@ def test_sampling_gives_the_same_tokens_on_every_backend(recipe):
         assert torch.equal(got, want), f"{backend} draws other tokens than the reference"
     other = bd.library_generate(model, prompt, attention_mask, **{**options, "seed": 8})
     assert not torch.equal(other, want), "another seed draws other tokens"
+
+
+@pytest.mark.parametrize("recipe", ["fast_dllm_v2", "dream"])
+def test_shifted_recipes_read_the_logits_before_each_position(recipe, summary):
+    """Without a cache, every library step of a shifted recipe equals decode_step on the framework forward's
+    logits of the window [s - 1, e) (position j predicted at j - 1), from the same tokens. As in the
+    lockstep comparison, a difference is allowed only at a near tie, where the test goes on from the
+    expected tokens."""
+    model = model_for("llada")  # logit_std 8: dream's top-k boundary is not left to fp32 saturation
+    prompt, attention_mask = ragged_prompts(SMALL, 3)
+    width = prompt.shape[1]
+    mask_id = SMALL.mask_id
+    padded_mask = torch.cat([attention_mask, torch.ones(len(prompt), GEN, dtype=torch.bool)], dim=1)
+    position_ids = (padded_mask.long().cumsum(-1) - 1).clamp(min=0)
+    options = dict(steps=24) if dllm_kernels.decode.requires_k(recipe) else {}
+    threshold = None if options else 0.95
+    state = torch.cat([prompt, torch.full((len(prompt), GEN), mask_id)], dim=1)
+    ties = []
+
+    def check(generation):
+        nonlocal state
+        start = width + generation.block_index * BLOCK
+        logits, _ = model.forward_framework(state, position_ids, padded_mask)
+        expected = state.clone()
+        window = expected[:, start - 1 : start + BLOCK]
+        k = {"k": generation.k.clone()} if options else {}
+        dllm_kernels.decode_step(
+            logits[:, start - 1 : start + BLOCK], window, window == mask_id, recipe=recipe, **k
+        )
+        got = generation.tokens()
+        if not torch.equal(got, expected):
+            masked = state[:, start : start + BLOCK] == mask_id
+            committed = expected[:, start : start + BLOCK] != state[:, start : start + BLOCK]
+            logit_margin, prob_margin = lockstep.margins(
+                logits[:, start - 1 : start + BLOCK - 1], masked, generation.k, threshold, committed
+            )
+            assert logit_margin < lockstep.TIE_MARGIN[0] or prob_margin < lockstep.TIE_MARGIN[1], (
+                "the library's step differs from decode_step on the full logits at margins "
+                f"{logit_margin:.3g} (logits) and {prob_margin:.3g} (probabilities)"
+            )
+            ties.append(len(ties))
+            generation.set_tokens(expected)
+        state = expected
+
+    x = bd.library_generate(
+        model,
+        prompt,
+        attention_mask,
+        gen_length=GEN,
+        block_length=BLOCK,
+        cache="none",
+        recipe=recipe,
+        on_step=check,
+        **options,
+    )
+    assert torch.equal(x, state)
+    assert not (x[:, width:] == mask_id).any()
+    if ties:
+        summary("generate: shifted recipes, steps decided at a near tie", f"{recipe}: {len(ties)}")
+
+
+@pytest.mark.gpu
+def test_cuda_step_never_syncs_and_replays_exactly():
+    """On CUDA: a step (forward, logits of the block, decode_step, commit) makes no synchronizing call, and
+    a generation replayed from CUDA graphs equals the eager one bit for bit (bf16: the CUDA attention
+    kernel)."""
+    model = model_for(device="cuda", dtype=torch.bfloat16)
+    prompt, attention_mask = ragged_prompts(SMALL, 4, "cuda")
+    options = dict(gen_length=GEN, block_length=BLOCK, cache="dual", recipe="fast_dllm")
+    generation = bd.LibraryGeneration(
+        model,
+        prompt,
+        attention_mask,
+        gen_length=GEN,
+        block_length=BLOCK,
+        cache="dual",
+        recipe="fast_dllm",
+        options={},
+        sparse_mlp=False,
+    )
+    generation.set_block(0)
+    with torch.no_grad():
+        generation.step(True, 0)  # compiles and allocates
+        generation.step(False, 0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            generation.step(True, 0)
+            generation.step(False, 0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    eager = bd.library_generate(model, prompt, attention_mask, cuda_graph=False, **options)
+    replayed = bd.library_generate(model, prompt, attention_mask, cuda_graph=True, **options)
+    assert torch.equal(eager, replayed)
 
 
 @pytest.mark.parametrize("recipe", ["dream", "fast_dllm_v2", "sdar", "dparallel"])
