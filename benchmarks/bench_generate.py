@@ -3,10 +3,11 @@
 Fast-dLLM's threshold decoding (0.9) of 64 tokens in two 32-token blocks after ragged prompts of 16-32
 tokens, on the example's LLaDA-shaped model (126464-token vocabulary, 4 layers, hidden 256, fp32), with
 no cache, the prefix cache and the dual cache, at batch 1 and 8. Each case first runs the two loops side by
-side (examples/lockstep.py: the same tokens after every step), then times each loop alone. Columns: a
+side (examples/lockstep.py: the same tokens after every step), then times each loop alone (the library's
+as one LibraryGeneration reused, as a server would: on CUDA it replays the step's CUDA graphs). Columns: a
 whole generation's median ms, tokens/s, steps, ms a step, and a step's split between the model's forward
-and the decode step (selection and commit; the framework's includes its fp64 softmax). GB/s counts the
-weights, read once a step.
+and the decode step (selection and commit; the framework's includes its fp64 softmax), from one more run
+with a clock around each phase. GB/s counts the weights a step reads (not the embedding table).
 """
 
 import statistics
@@ -39,20 +40,17 @@ def _sync(device):
 
 
 def _time(run, device, min_seconds):
-    """Median seconds of whole generations (at least one, at most 5) and the stats of the last."""
+    """Median seconds of whole generations (at least one, at most 5) and the steps of one."""
     samples = []
     budget = time.perf_counter() + min_seconds
     while not samples or (time.perf_counter() < budget and len(samples) < 5):
-        stats = bd.Stats(timed=device.type == "cpu")  # on CPU the split costs nothing: no sync
+        stats = bd.Stats()
         _sync(device)
         start = time.perf_counter()
         run(stats)
         _sync(device)
         samples.append(time.perf_counter() - start)
-    if device.type == "cuda":  # the split: one more run with a sync around each phase (no CUDA graph)
-        stats = bd.Stats(timed=True)
-        run(stats)
-    return statistics.median(samples), stats
+    return statistics.median(samples), stats.steps
 
 
 def cases(device, quick):
@@ -79,29 +77,48 @@ def _timed(case, device, cache_scheme, batch, min_seconds):
     library = dict(common, recipe="fast_dllm", threshold=THRESHOLD)
     comparison = lockstep.compare(model, prompt, attention_mask, framework=framework, library=library)
     assert comparison.same, "the library loop generates other tokens than the framework loop"
+    # One generation object for every timed run, as a server keeps one per batch shape: on CUDA its graphs
+    # are captured in the first run and replayed after. The split needs eager steps (a sync per phase).
+    generation = bd.LibraryGeneration(model, *prompt.shape, **library)
+    eager = (
+        generation
+        if device.type == "cpu"
+        else bd.LibraryGeneration(model, *prompt.shape, cuda_graph=False, **library)
+    )
+    generation.generate(prompt, attention_mask)
     loops = {
-        "auto": lambda stats: bd.library_generate(model, prompt, attention_mask, stats=stats, **library),
-        BASELINE: lambda stats: bd.framework_generate(
-            model, prompt, attention_mask, stats=stats, **framework
+        "auto": (
+            lambda stats: generation.generate(prompt, attention_mask, stats=stats),
+            lambda stats: eager.generate(prompt, attention_mask, stats=stats),
         ),
+        BASELINE: (
+            lambda stats: bd.framework_generate(model, prompt, attention_mask, stats=stats, **framework),
+        )
+        * 2,
     }
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # GB/s: the weights each step reads (the embedding table only a few rows of)
+    weight_bytes = sum(
+        p.numel() * p.element_size() for name, p in model.named_parameters() if name != "embed.weight"
+    )
     times = {}
-    for name, run in loops.items():
-        seconds, stats = _time(run, device, min_seconds)
-        step_ms = seconds * 1e3 / stats.steps
-        phases = stats.forward_s + stats.decode_s
+    for name, (run, run_split) in loops.items():
+        seconds, steps = _time(run, device, min_seconds)
+        split = bd.Stats(timed=True)
+        run_split(split)
+        phases = split.forward_s + split.decode_s
         times[name] = (
             seconds * 1e3,
             {
                 "tokens/s": batch * GEN / seconds,
-                "steps": stats.steps,
-                "ms/step": step_ms,
-                "forward ms/step": stats.forward_s * 1e3 / stats.steps,
-                "decode ms/step": stats.decode_s * 1e3 / stats.steps,
-                "decode %": 100 * stats.decode_s / phases,
+                "steps": steps,
+                "ms/step": seconds * 1e3 / steps,
+                "forward ms/step": split.forward_s * 1e3 / split.steps,
+                "decode ms/step": split.decode_s * 1e3 / split.steps,
+                "decode %": 100 * split.decode_s / phases,
             },
         )
-    case.bytes = weight_bytes * comparison.library_steps  # the steps are known once the loops have run
-    case.baseline_bytes[BASELINE] = weight_bytes * comparison.framework_steps
+        if name == BASELINE:
+            case.baseline_bytes[BASELINE] = weight_bytes * steps
+        else:
+            case.bytes = weight_bytes * steps  # the steps are known once the loop has run
     return times

@@ -44,9 +44,9 @@ class Case:
     flops: int | None = None
     baseline_flops: dict[str, int | None] = field(default_factory=dict)  # None: a baseline that only reads
     cuda_graph: bool = False  # on CUDA, time the backends as a replay of one captured call
-    # Cases timed by their own code (in a torch.distributed world, or a whole generation): ``timed(min_seconds)``
-    # checks the outputs and returns the median ms of every backend and baseline by name, or (ms, extra) with
-    # more figures for the table and the JSON (tokens/s, ...); run and check are then unused.
+    # Cases timed by their own code (in a torch.distributed world, or a whole generation):
+    # ``timed(min_seconds)`` checks the outputs and returns the median ms of every backend and baseline by
+    # name, or (ms, extra) with more figures for the table and the JSON; run and check are then unused.
     timed: Callable[[float], dict[str, float | tuple[float, dict[str, float]]]] | None = None
 
 
@@ -152,7 +152,7 @@ def measure(
         return Result(case.op, case.label, impl, kind, ms, gbps, tflops, extra=extra)
 
     if case.timed is not None:
-        progress(f"{case.op} {case.label}: check and time in a local world")
+        progress(f"{case.op} {case.label}: check and time")
         times = case.timed(min_seconds)
         results = [result(b, "backend", times[b]) for b in case.backends]
         results += [result(name, "baseline", times[name]) for name in case.baselines]

@@ -19,7 +19,7 @@ import torch
 from helpers import DEVICES, KERNEL_BACKENDS
 
 import dllm_kernels
-from dllm_kernels.ops import select_unmask
+from dllm_kernels.ops import block_attention, select_unmask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import block_diffusion as bd
@@ -58,6 +58,19 @@ def ragged_prompts(config, rows, device="cpu"):
         lengths[1] = 1
     generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     return bd.make_prompts(config, lengths.tolist(), generator, device)
+
+
+def runs_the_model(backend, model):
+    """Whether ``backend`` takes every op of a generation with ``model`` (its dtype and head dim)."""
+    c, weight = model.config, model.lm_head.weight
+    q = weight.new_zeros(1, 1, c.heads, c.head_dim)
+    kv = weight.new_zeros(1, 1, c.kv_heads, c.head_dim)
+    lengths = torch.zeros(1, dtype=torch.int32, device=weight.device)
+    attention = block_attention.dispatcher.why_not(
+        backend, weight.device, q, kv, kv, lengths, lengths, None, None, explicit=True
+    )
+    selection = select_unmask.dispatcher.why_not(backend, weight.device, q.float(), explicit=True)
+    return attention is None and selection is None
 
 
 def compare(model, prompt, attention_mask, recipe, cache, summary, eos_stop=False, **library):
@@ -118,32 +131,23 @@ def test_compiled_step_has_no_graph_break(summary):
 
 def test_eos_stops_a_row(summary):
     """A row stops at the end of the block where it generated EOS (every later position becomes EOS), and a
-    batch whose rows all stopped runs no further block. EOS is a token the model generates in row 0's first
-    block, so the premise holds for every draw."""
+    batch whose rows all stopped runs no further block. EOS is a token the loops generate in row 0's first
+    block without a stop (the same computation up to that block's end), so the premise holds for every
+    draw."""
     model = model_for()
     config = model.config
     prompt, attention_mask = ragged_prompts(SMALL, 3)
     width = prompt.shape[1]
 
-    def generated_eos(prompt, attention_mask, cache):
-        """(a token row 0 generates in its first block, the steps of that block) without a stop."""
-        model.config = config
-        blocks = []
-        x = bd.library_generate(
-            model,
-            prompt,
-            attention_mask,
-            gen_length=GEN,
-            block_length=BLOCK,
-            cache=cache,
-            on_step=lambda generation: blocks.append(generation.block_index),
-        )
-        eos = int(x[0, width + int(torch.randint(BLOCK, ()))])
-        model.config = dataclasses.replace(config, eos_id=eos)
-        return eos, blocks.count(0)
+    def stop_at_a_generated_token(x):
+        model.config = dataclasses.replace(config, eos_id=int(x[0, width + int(torch.randint(BLOCK, ()))]))
+        return model.config.eos_id
 
     for cache in bd.CACHES:
-        eos, _ = generated_eos(prompt, attention_mask, cache)
+        model.config = config
+        eos = stop_at_a_generated_token(
+            compare(model, prompt, attention_mask, "fast_dllm", cache, summary).library
+        )
         generated = compare(model, prompt, attention_mask, "fast_dllm", cache, summary, eos_stop=True).library
         generated = generated[:, width:]
         for row in generated:
@@ -152,19 +156,20 @@ def test_eos_stops_a_row(summary):
                 assert (row[hits[0] :] == eos).all(), "everything after a row's first EOS is EOS"
         assert (generated[0] == eos).nonzero()[0] < BLOCK, "row 0 stops in its first block"
 
-        _, first_block_steps = generated_eos(prompt[:1], attention_mask[:1], cache)
-        stats = bd.Stats()
-        bd.library_generate(
+        model.config = config
+        blocks = []
+        alone = dict(gen_length=GEN, block_length=BLOCK, cache=cache)
+        x = bd.library_generate(
             model,
             prompt[:1],
             attention_mask[:1],
-            gen_length=GEN,
-            block_length=BLOCK,
-            cache=cache,
-            eos_stop=True,
-            stats=stats,
+            on_step=lambda g, blocks=blocks: blocks.append(g.block_index),
+            **alone,
         )
-        assert stats.steps == first_block_steps, "a batch whose rows all stopped runs no further block"
+        stop_at_a_generated_token(x)
+        stats = bd.Stats()
+        bd.library_generate(model, prompt[:1], attention_mask[:1], eos_stop=True, stats=stats, **alone)
+        assert stats.steps == blocks.count(0), "a batch whose rows all stopped runs no further block"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,11 +180,11 @@ def test_sampling_gives_the_same_tokens_on_every_backend(device):
     model = model_for("llada", device=device)
     prompt, attention_mask = ragged_prompts(SMALL, 2, device)
     options = dict(gen_length=32, block_length=16, recipe="llada", steps=8, temperature=1.0, seed=7)
-    options["remasking"] = "random"
+    options.update(remasking="random")
     with dllm_kernels.use_backend("reference"):
         want = bd.library_generate(model, prompt, attention_mask, **options)
     for backend in KERNEL_BACKENDS:
-        if select_unmask.dispatcher.why_not(backend, prompt.device, prompt.float(), explicit=True):
+        if not runs_the_model(backend, model):
             continue
         with dllm_kernels.use_backend(backend):
             got = bd.library_generate(model, prompt, attention_mask, **options)
@@ -192,21 +197,20 @@ def test_sampling_gives_the_same_tokens_on_every_backend(device):
 def test_shifted_recipes_read_the_logits_before_each_position(recipe, summary):
     """Without a cache, every library step of a shifted recipe equals decode_step on the framework forward's
     logits of the window [s - 1, e) (position j predicted at j - 1), from the same tokens. As in the
-    lockstep comparison, a difference is allowed only at a near tie, where the test goes on from the
-    expected tokens."""
+    lockstep comparison, a row may differ only at a near tie, where the test goes on from the expected
+    tokens."""
     model = model_for("llada")  # logit_std 8: dream's top-k boundary is not left to fp32 saturation
     prompt, attention_mask = ragged_prompts(SMALL, 3)
     width = prompt.shape[1]
     mask_id = SMALL.mask_id
-    padded_mask = torch.cat([attention_mask, torch.ones(len(prompt), GEN, dtype=torch.bool)], dim=1)
-    position_ids = (padded_mask.long().cumsum(-1) - 1).clamp(min=0)
+    padded_mask, position_ids = bd.padded_positions(attention_mask, GEN)
     options = dict(steps=24) if dllm_kernels.decode.requires_k(recipe) else {}
     threshold = None if options else 0.95
     state = torch.cat([prompt, torch.full((len(prompt), GEN), mask_id)], dim=1)
-    ties = []
+    ties = 0
 
     def check(generation):
-        nonlocal state
+        nonlocal state, ties
         start = width + generation.block_index * BLOCK
         logits, _ = model.forward_framework(state, position_ids, padded_mask)
         expected = state.clone()
@@ -217,16 +221,20 @@ def test_shifted_recipes_read_the_logits_before_each_position(recipe, summary):
         )
         got = generation.tokens()
         if not torch.equal(got, expected):
-            masked = state[:, start : start + BLOCK] == mask_id
-            committed = expected[:, start : start + BLOCK] != state[:, start : start + BLOCK]
-            logit_margin, prob_margin = lockstep.margins(
-                logits[:, start - 1 : start + BLOCK - 1], masked, generation.k, threshold, committed
+            block = slice(start, start + BLOCK)
+            row_margins = lockstep.margins(
+                logits[:, start - 1 : start + BLOCK - 1],
+                state[:, block] == mask_id,
+                generation.k,
+                threshold,
+                expected[:, block] != state[:, block],
             )
-            assert logit_margin < lockstep.TIE_MARGIN[0] or prob_margin < lockstep.TIE_MARGIN[1], (
-                "the library's step differs from decode_step on the full logits at margins "
-                f"{logit_margin:.3g} (logits) and {prob_margin:.3g} (probabilities)"
-            )
-            ties.append(len(ties))
+            for row in (got != expected).any(1).nonzero().flatten().tolist():
+                assert lockstep.near_tie(row_margins[row]), (
+                    f"row {row}: the library's step differs from decode_step on the full logits, "
+                    f"{row_margins[row]} (logits, probabilities) from a tie"
+                )
+            ties += 1
             generation.set_tokens(expected)
         state = expected
 
@@ -244,28 +252,19 @@ def test_shifted_recipes_read_the_logits_before_each_position(recipe, summary):
     assert torch.equal(x, state)
     assert not (x[:, width:] == mask_id).any()
     if ties:
-        summary("generate: shifted recipes, steps decided at a near tie", f"{recipe}: {len(ties)}")
+        summary("generate: shifted recipes, steps decided at a near tie", f"{recipe}: {ties}")
 
 
 @pytest.mark.gpu
 def test_cuda_step_never_syncs_and_replays_exactly():
     """On CUDA: a step (forward, logits of the block, decode_step, commit) makes no synchronizing call, and
-    a generation replayed from CUDA graphs equals the eager one bit for bit (bf16: the CUDA attention
-    kernel)."""
+    generations replayed from CUDA graphs equal the eager one bit for bit (bf16: the CUDA attention kernel).
+    """
     model = model_for(device="cuda", dtype=torch.bfloat16)
     prompt, attention_mask = ragged_prompts(SMALL, 4, "cuda")
     options = dict(gen_length=GEN, block_length=BLOCK, cache="dual", recipe="fast_dllm")
-    generation = bd.LibraryGeneration(
-        model,
-        prompt,
-        attention_mask,
-        gen_length=GEN,
-        block_length=BLOCK,
-        cache="dual",
-        recipe="fast_dllm",
-        options={},
-        sparse_mlp=False,
-    )
+    generation = bd.LibraryGeneration(model, *prompt.shape, cuda_graph=False, **options)
+    generation.load(prompt, attention_mask)
     generation.set_block(0)
     with torch.no_grad():
         generation.step(True, 0)  # compiles and allocates
@@ -278,11 +277,12 @@ def test_cuda_step_never_syncs_and_replays_exactly():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     eager = bd.library_generate(model, prompt, attention_mask, cuda_graph=False, **options)
-    replayed = bd.library_generate(model, prompt, attention_mask, cuda_graph=True, **options)
-    assert torch.equal(eager, replayed)
+    graphed = bd.LibraryGeneration(model, *prompt.shape, cuda_graph=True, **options)
+    for _ in range(2):  # the second generation replays the first one's graphs
+        assert torch.equal(graphed.generate(prompt, attention_mask), eager)
 
 
-@pytest.mark.parametrize("recipe", ["dream", "fast_dllm_v2", "sdar", "dparallel"])
+@pytest.mark.parametrize("recipe", ["dream", "fast_dllm_v2", "sdar", "dparallel", "prophet"])
 @pytest.mark.parametrize("cache", bd.CACHES)
 def test_every_recipe_completes_a_generation(recipe, cache):
     """The recipes the framework loop does not transcribe: every block is decided, the prompt is kept, and a
@@ -291,6 +291,8 @@ def test_every_recipe_completes_a_generation(recipe, cache):
     prompt, attention_mask = ragged_prompts(SMALL, 3)
     stats = bd.Stats()
     options = dict(steps=24) if dllm_kernels.decode.requires_k(recipe) else {}
+    if recipe == "prophet":
+        options.update(mask_id=SMALL.mask_id, gap_threshold=5.0)
     x = bd.library_generate(
         model,
         prompt,
@@ -304,22 +306,33 @@ def test_every_recipe_completes_a_generation(recipe, cache):
     )
     assert torch.equal(x[:, : prompt.shape[1]], prompt)
     assert not (x[:, prompt.shape[1] :] == SMALL.mask_id).any()
-    if options:
+    if "steps" in options:
         assert stats.steps == 24
 
 
 def test_errors():
     model = model_for()
     prompt, attention_mask = ragged_prompts(SMALL, 2)
+    generate = lambda **options: bd.library_generate(model, prompt, attention_mask, **options)
     with pytest.raises(ValueError, match="cache must be one of"):
-        bd.library_generate(model, prompt, attention_mask, cache="paged")
+        generate(cache="paged")
     with pytest.raises(ValueError, match="multiple of block_length"):
-        bd.library_generate(model, prompt, attention_mask, gen_length=40, block_length=16)
+        generate(gen_length=40, block_length=16)
+    with pytest.raises(ValueError, match="steps must be a positive multiple of the 2 blocks"):
+        generate(recipe="llada", steps=3)
     with pytest.raises(ValueError, match="prune_mlp_24"):
-        bd.library_generate(model, prompt, attention_mask, sparse_mlp=True)
-    with pytest.raises(ValueError, match="cuda_graph needs CUDA"):
-        bd.library_generate(model, prompt, attention_mask, cuda_graph=True)
+        generate(sparse_mlp=True)
+    with pytest.raises(ValueError, match="cuda_graph needs the model on a CUDA device"):
+        generate(cuda_graph=True)
     with pytest.raises(ValueError, match="greedy steps only"):
-        bd.library_generate(model, prompt, attention_mask, compile="aot_eager", temperature=0.5)
+        generate(compile="aot_eager", temperature=0.5)
+    with pytest.raises(ValueError, match="greedy steps only"):  # sdar samples by default
+        generate(compile="aot_eager", recipe="sdar", steps=4)
+    with pytest.raises(ValueError, match="times eager steps"):
+        generate(compile="aot_eager", stats=bd.Stats(timed=True))
     with pytest.raises(ValueError, match="dllm::decode_step: recipe must be one of"):
-        bd.library_generate(model, prompt, attention_mask, recipe="nope")
+        generate(recipe="nope")
+    with pytest.raises(ValueError, match="left padding"):
+        bd.library_generate(model, prompt, attention_mask.flip(1))
+    with pytest.raises(ValueError, match=r"prompt and attention_mask must be \[2, 24\]"):
+        bd.LibraryGeneration(model, 2, 24).generate(prompt[:1], attention_mask[:1])
