@@ -9,8 +9,8 @@ This file is the worked example of wiring the ops into a model. It holds:
   ``generate`` takes an ``attention_mask``: SDPA with a dense mask, past K/V concatenated or replaced in
   place, logits for every query position, the ``[B, L, V]`` fp64 softmax and a Python loop over rows with
   host syncs (``get_transfer_index``).
-- ``library_generate``: the same generation with ``dllm_kernels``. Each line the library replaces is named
-  where it happens (search for "replaces"):
+- ``library_generate`` (``LibraryGeneration`` to reuse one across generations): the same generation with
+  ``dllm_kernels``. Each line the library replaces is named where it happens (search for "replaces"):
 
   ==========================================  ==============================================================
   framework                                   library
@@ -30,7 +30,7 @@ With greedy decoding and the same cache scheme both loops produce the same token
 float rounding of a tie (examples/lockstep.py, which tests/test_generate.py and the benchmark run, tells
 them apart); ``make bench BENCH_ARGS="--op generate"`` measures both. Run this file for a demo::
 
-    python examples/block_diffusion.py --batch 8 --cache dual --recipe fast_dllm
+    python examples/block_diffusion.py --batch 8 --cache dual
 """
 
 from __future__ import annotations
