@@ -531,7 +531,10 @@ class LibraryGeneration:
         self.compiled = compile is not None
         self._step = torch.compile(self.step, fullgraph=True, backend=compile) if self.compiled else self.step
         self.graphs: dict | None = {} if cuda_graph else None
-        self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+        self.graph_pool = None
+        if cuda_graph:  # one memory pool for every graph: they replay one at a time
+            with torch.cuda.device(device):
+                self.graph_pool = torch.cuda.graph_pool_handle()
 
     def load(self, prompt: torch.Tensor, attention_mask: torch.Tensor):
         """Takes new left-padded prompts ``[B, P]`` (``attention_mask`` False at padding), in place."""
