@@ -238,16 +238,30 @@ def _recipe_options(recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (*(p.name for p in keyword), *_PASS_THROUGH), required
 
 
-def _recipe(name: str):
+# Read once: a step checks its options against these, and a signature costs tens of microseconds.
+_OPTIONS = {name: _recipe_options(recipe) for name, recipe in RECIPES.items()}
+_TEMPERATURE = {
+    name: inspect.signature(recipe).parameters["temperature"].default for name, recipe in RECIPES.items()
+}
+
+
+def _check_recipe(name: str):
     if name not in RECIPES:
         raise ValueError(f"dllm::decode_step: recipe must be one of {', '.join(RECIPES)}; got {name!r}")
-    return RECIPES[name]
 
 
 def requires_k(recipe: str) -> bool:
     """Whether ``recipe`` takes a per-step count ``k`` (a fixed number of steps per block) or decides its
     count from the scores (threshold rules: a block ends when its last position is committed)."""
-    return "k" in _recipe_options(_recipe(recipe))[1]
+    _check_recipe(recipe)
+    return "k" in _OPTIONS[recipe][1]
+
+
+def draws_random(recipe: str, **options) -> bool:
+    """Whether a step of ``recipe`` with ``options`` reads the random numbers of ``(seed, offset)``: a
+    temperature above 0 (the option, else the recipe's default: ``sdar`` samples) or random remasking."""
+    _check_recipe(recipe)
+    return options.get("temperature", _TEMPERATURE[recipe]) > 0 or options.get("remasking") == "random"
 
 
 def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *, recipe: str, **options):
@@ -258,8 +272,8 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     Tensor-parallel: with ``vocab_start`` (and ``group``, default the whole world) ``logits`` is this rank's
     vocabulary shard (``dllm_kernels.distributed``); every rank passes the same ``x`` and ``eligible`` and
     ends with the same ``x``, with no broadcast."""
-    run = _recipe(recipe)
-    names, required = _recipe_options(run)
+    _check_recipe(recipe)
+    names, required = _OPTIONS[recipe]
     unknown = [name for name in options if name not in names]
     if unknown:
         raise TypeError(
@@ -269,4 +283,4 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     missing = [name for name in required if name not in options]
     if missing:
         raise TypeError(f"dllm::decode_step: recipe {recipe!r} needs {', '.join(missing)}; got none")
-    return run(logits, x, eligible, **options)
+    return RECIPES[recipe](logits, x, eligible, **options)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -320,19 +319,6 @@ def add_gumbel_noise(logits, temperature):
     return logits.exp() / gumbel_noise
 
 
-def get_num_transfer_tokens(mask_index, steps):
-    """LLaDA's: how many tokens each step of a block unmasks, the remainder on the first steps."""
-    mask_num = mask_index.sum(dim=1, keepdim=True)
-    base = mask_num // steps
-    remainder = mask_num % steps
-    num_transfer_tokens = (
-        torch.zeros(mask_num.size(0), steps, device=mask_index.device, dtype=torch.int64) + base
-    )
-    for i in range(mask_num.size(0)):
-        num_transfer_tokens[i, : remainder[i]] += 1
-    return num_transfer_tokens
-
-
 def get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens, threshold=None):
     """Fast-dLLM's (low_confidence remasking): the step's tokens and which positions take them."""
     logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
@@ -397,7 +383,10 @@ def framework_generate(
     finished = torch.zeros(n_rows, dtype=torch.bool, device=prompt.device)
     for num_block in range(num_blocks):
         start, end = width + num_block * block_length, width + (num_block + 1) * block_length
-        num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == c.mask_id, steps_per_block)
+        # LLaDA's get_num_transfer_tokens (schedules reproduces it)
+        num_transfer_tokens = schedules.llada_transfer_counts(
+            (x[:, start:end] == c.mask_id).sum(1), steps_per_block
+        )
         i = 0
         past = None
         while True:
@@ -505,8 +494,7 @@ class LibraryGeneration:
         self.shift = 1 if recipe in dllm_kernels.decode.SHIFTED_RECIPES else 0  # j predicted at j - 1
         # A step's random numbers are keyed by its index (decode_step's int offset), which a captured graph
         # would replay and a compiled step would specialise on.
-        temperature = inspect.signature(dllm_kernels.RECIPES[recipe]).parameters["temperature"].default
-        self.sampling = options.get("temperature", temperature) > 0 or options.get("remasking") == "random"
+        self.sampling = dllm_kernels.decode.draws_random(recipe, **options)
         if cuda_graph is None:
             cuda_graph = device.type == "cuda" and not self.sampling
         if cuda_graph and device.type != "cuda":
@@ -515,6 +503,8 @@ class LibraryGeneration:
             raise ValueError(
                 "cuda_graph and compile run greedy steps only (temperature=0, no random remasking)"
             )
+        if n_rows < 1 or prompt_width < 1:
+            raise ValueError(f"a generation needs rows with a prompt; got {n_rows} rows {prompt_width} wide")
         self.prompt_width, self.length = prompt_width, prompt_width + gen_length
         # replaces left padding and its key mask: each row's tokens are packed to the front (position p
         # of row b is column p), so no key is padding and each row has its own prompt length and end.
@@ -573,32 +563,33 @@ class LibraryGeneration:
             width = self.gen_length - self.block_index * self.block_length
         return self.block_start - self.shift, width + self.shift
 
-    def decided(self) -> torch.Tensor:
-        """``[B, block_length + shift]``: the positions whose logits a step reads (the block's, or with a
-        shift the ones just before)."""
-        span = torch.arange(self.block_length + self.shift, device=self.x.device)
-        return self.block_start.long()[:, None] - self.shift + span
+    def positions(self, shift: int) -> torch.Tensor:
+        """``[B, block_length + shift]``: the block's positions, from ``shift`` positions earlier."""
+        span = torch.arange(self.block_length + shift, device=self.x.device)
+        return self.block_start.long()[:, None] - shift + span
 
-    def forward(self, full: bool) -> torch.Tensor:
+    def forward(self, full: bool, decided: torch.Tensor) -> torch.Tensor:
+        """Logits of the ``decided`` positions (those a step reads: the block's, one earlier when shifted)
+        from a forward over the window."""
         q_start, width = self.window(full)
         queries = q_start.long()[:, None] + torch.arange(width, device=self.x.device)
         tokens = self.x.gather(1, queries)
-        rows = self.decided() - q_start.long()[:, None]
+        rows = decided - q_start.long()[:, None]
         return self.model.forward_library(tokens, q_start, self.kv_len, self.caches, rows, self.sparse_mlp)
 
-    def decode(self, logits: torch.Tensor, offset: int):
-        positions = self.decided()
-        x_block = self.x.gather(1, positions)
+    def decode(self, logits: torch.Tensor, decided: torch.Tensor, offset: int):
+        x_block = self.x.gather(1, decided)
         eligible = x_block == self.model.config.mask_id
         k = {"k": self.k} if self.fixed_steps else {}
         # replaces get_transfer_index: the fp64 [B, L, V] softmax and the per-row topk loop with host syncs
         dllm_kernels.decode_step(
             logits, x_block, eligible, recipe=self.recipe, offset=offset, **k, **self.options
         )
-        self.x.scatter_(1, positions, x_block)
+        self.x.scatter_(1, decided, x_block)
 
     def step(self, full: bool, offset: int):
-        self.decode(self.forward(full), offset)
+        decided = self.positions(self.shift)
+        self.decode(self.forward(full, decided), decided, offset)
 
     def _replay(self, full: bool, offset: int):
         """The step from a CUDA graph, captured at the second step of its window shape (the first runs
@@ -616,10 +607,7 @@ class LibraryGeneration:
 
     def block_masked(self) -> torch.Tensor:
         """``[B]`` masked positions left in each row's block."""
-        block = (self.columns >= self.block_start[:, None]) & (
-            self.columns < self.block_start[:, None] + self.block_length
-        )
-        return ((self.x == self.model.config.mask_id) & block).sum(1)
+        return (self.x.gather(1, self.positions(0)) == self.model.config.mask_id).sum(1)
 
     def eos_stop(self):
         """After a block, per row: everything past the first generated EOS becomes EOS and the row stops
@@ -637,8 +625,11 @@ class LibraryGeneration:
         return self.prompt_len.long()[:, None] + torch.arange(self.gen_length, device=self.x.device)
 
     def tokens(self) -> torch.Tensor:
-        """The tokens in the framework's left-padded layout ``[B, P + gen_length]``."""
-        return torch.cat([self.prompt, self.x.gather(1, self._generated())], dim=1)
+        """The tokens in the framework's left-padded layout ``[B, P + gen_length]``, read back from the
+        packed state (prompt included); the padding is the prompt's."""
+        packed = self.columns - (self.prompt_width - self.prompt_len.long())[:, None]
+        padding = torch.nn.functional.pad(self.prompt, (0, self.gen_length))
+        return torch.where(packed >= 0, self.x.gather(1, packed.clamp(min=0)), padding)
 
     def set_tokens(self, tokens: torch.Tensor):
         """Takes the generated part of ``tokens`` (left-padded layout) as the current state, in place."""
@@ -684,10 +675,11 @@ class LibraryGeneration:
                             self.k.copy_(counts[:, i])
                     offset = stats.steps if self.sampling else 0
                     if stats.timed:
+                        decided = self.positions(self.shift)
                         with stats.phase("forward"):
-                            logits = self.forward(i == 0)
+                            logits = self.forward(i == 0, decided)
                         with stats.phase("decode"):
-                            self.decode(logits, offset)
+                            self.decode(logits, decided, offset)
                     elif self.graphs is not None:
                         self._replay(i == 0, offset)
                     else:

@@ -77,14 +77,12 @@ def compare(model, prompt, attention_mask, *, framework: dict, library: dict, ti
         step_margins.append(margins(logits, mask_index, num_transfer_tokens, threshold, transfer_index))
         return x0, transfer_index
 
-    framework_stats = bd.Stats()
     bd.get_transfer_index = recorded
     try:
         x_framework = bd.framework_generate(
             model,
             prompt,
             attention_mask,
-            stats=framework_stats,
             on_step=lambda x: states.append(x.clone()),
             **framework,
         )

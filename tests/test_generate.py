@@ -38,6 +38,7 @@ SMALL = bd.Config(
     layers=2,
 )
 GEN, BLOCK = 48, 16  # three blocks
+SHAPE = dict(gen_length=GEN, block_length=BLOCK)
 FRAMEWORK = {"fast_dllm": dict(threshold=0.9), "llada": dict(threshold=None, steps=24)}
 LIBRARY = {"fast_dllm": dict(recipe="fast_dllm", threshold=0.9), "llada": dict(recipe="llada", steps=24)}
 LOGIT_STD = {"fast_dllm": 24.0, "llada": 8.0}
@@ -74,7 +75,7 @@ def runs_the_model(backend, model):
 
 
 def compare(model, prompt, attention_mask, recipe, cache, summary, eos_stop=False, **library):
-    common = dict(gen_length=GEN, block_length=BLOCK, cache=cache, eos_stop=eos_stop)
+    common = dict(SHAPE, cache=cache, eos_stop=eos_stop)
     result = lockstep.compare(
         model,
         prompt,
@@ -82,6 +83,8 @@ def compare(model, prompt, attention_mask, recipe, cache, summary, eos_stop=Fals
         framework={**common, **FRAMEWORK[recipe]},
         library={**common, **LIBRARY[recipe], **library},
     )
+    # Near ties are rare; a loop that differed everywhere at small margins would be a bug, not rounding.
+    assert len(result.ties) <= max(1, result.framework_steps // 4), f"near ties at steps {result.ties}"
     if result.ties:
         summary(
             "generate: steps where a near tie went another way (the library took the framework's tokens)",
@@ -158,7 +161,7 @@ def test_eos_stops_a_row(summary):
 
         model.config = config
         blocks = []
-        alone = dict(gen_length=GEN, block_length=BLOCK, cache=cache)
+        alone = dict(SHAPE, cache=cache)
         x = bd.library_generate(
             model,
             prompt[:1],
@@ -242,11 +245,10 @@ def test_shifted_recipes_read_the_logits_before_each_position(recipe, summary):
         model,
         prompt,
         attention_mask,
-        gen_length=GEN,
-        block_length=BLOCK,
         cache="none",
         recipe=recipe,
         on_step=check,
+        **SHAPE,
         **options,
     )
     assert torch.equal(x, state)
@@ -262,7 +264,7 @@ def test_cuda_step_never_syncs_and_replays_exactly():
     """
     model = model_for(device="cuda", dtype=torch.bfloat16)
     prompt, attention_mask = ragged_prompts(SMALL, 4, "cuda")
-    options = dict(gen_length=GEN, block_length=BLOCK, cache="dual", recipe="fast_dllm")
+    options = dict(SHAPE, cache="dual", recipe="fast_dllm")
     generation = bd.LibraryGeneration(model, *prompt.shape, cuda_graph=False, **options)
     generation.load(prompt, attention_mask)
     generation.set_block(0)
@@ -297,11 +299,10 @@ def test_every_recipe_completes_a_generation(recipe, cache):
         model,
         prompt,
         attention_mask,
-        gen_length=GEN,
-        block_length=BLOCK,
         cache=cache,
         recipe=recipe,
         stats=stats,
+        **SHAPE,
         **options,
     )
     assert torch.equal(x[:, : prompt.shape[1]], prompt)
@@ -334,5 +335,7 @@ def test_errors():
         generate(recipe="nope")
     with pytest.raises(ValueError, match="left padding"):
         bd.library_generate(model, prompt, attention_mask.flip(1))
+    with pytest.raises(ValueError, match="needs rows with a prompt; got 2 rows 0 wide"):
+        bd.library_generate(model, prompt[:, :0], attention_mask[:, :0])
     with pytest.raises(ValueError, match=r"prompt and attention_mask must be \[2, 24\]"):
         bd.LibraryGeneration(model, 2, 24).generate(prompt[:1], attention_mask[:1])
