@@ -72,9 +72,24 @@ def ranks(confidence):
     return rank, order
 
 
-def vectorised(policy, confidence, eligible, x0, x, k, threshold, factor):
+def vectorised(policy, confidence, eligible, x0, x, k, threshold, factor, low, radius, margin):
     """The best plain-torch statement of each policy: no loops, no syncs."""
-    if policy in ("threshold", "all"):
+    if policy == "near_best":  # dInfer's threshold decoder
+        bound = torch.clamp(confidence.max(-1, keepdim=True).values - margin, -1000, threshold)
+        selected = (confidence >= bound) & eligible
+    elif policy in ("local_leap", "hierarchy"):
+        if policy == "local_leap":  # LocalLeap: the relaxed bound near an anchor
+            anchors = (eligible & (confidence >= threshold)).float()[:, None]
+            near = torch.nn.functional.max_pool1d(anchors, 2 * radius + 1, 1, radius)[:, 0] > 0
+            selected = confidence >= torch.where(near, low, threshold)
+        else:  # dInfer's hierarchy decoder, every row at once: each run's maximum above low
+            starts = eligible & ~torch.nn.functional.pad(eligible[:, :-1], (1, 0))
+            run = torch.where(eligible, starts.cumsum(-1), 0)
+            run_max = torch.full_like(confidence, NEG_INF).scatter_reduce(-1, run, confidence, "amax")
+            selected = (confidence == run_max.gather(-1, run)) & (confidence > low) | (confidence > threshold)
+        selected.scatter_(-1, confidence.argmax(-1, keepdim=True), True)
+        selected &= eligible
+    elif policy in ("threshold", "all"):
         selected = confidence >= threshold if policy == "threshold" else eligible.clone()
         selected.scatter_(-1, confidence.argmax(-1, keepdim=True), True)  # at least one per row
         selected &= eligible
@@ -103,8 +118,9 @@ def make_case(device, policy, n_rows=32, length=256, block=(96, 128)):
     x0 = torch.randint(0, 126000, (n_rows, length), device=device)
     x = torch.full((n_rows, length), 126336, device=device)
     k = eligible.sum(-1).clamp(max=4)
-    threshold, factor = 0.9, 1.0
+    threshold, factor, low, radius, margin = 0.9, 1.0, 0.7, 2, 1e-5
     kwargs = dict(policy=policy, k=k, threshold=threshold, inclusive=True, factor=factor, min_per_row=1)
+    kwargs |= dict(low_threshold=low, radius=radius, margin=margin)
     x_ref = x.clone()
     ref_selected, ref_count = reference(confidence, eligible, token=x0, x=x_ref, **kwargs)
 
@@ -114,7 +130,9 @@ def make_case(device, policy, n_rows=32, length=256, block=(96, 128)):
         assert torch.equal(x, x_ref), "commit differs"
 
     baselines = {
-        "vectorised torch": lambda: vectorised(policy, confidence, eligible, x0, x, k, threshold, factor)
+        "vectorised torch": lambda: vectorised(
+            policy, confidence, eligible, x0, x, k, threshold, factor, low, radius, margin
+        )
     }
     loops = {
         "threshold": (
@@ -142,7 +160,18 @@ def make_case(device, policy, n_rows=32, length=256, block=(96, 128)):
 
 def cases(device, quick):
     policies = (
-        ("threshold", "factor") if quick else ("threshold", "factor", "topk", "topk_or_threshold", "all")
+        ("threshold", "factor")
+        if quick
+        else (
+            "threshold",
+            "factor",
+            "topk",
+            "topk_or_threshold",
+            "all",
+            "local_leap",
+            "hierarchy",
+            "near_best",
+        )
     )
     n_rows = 64 if device.type == "cuda" else 32
     out = [make_case(device, policy, n_rows=n_rows) for policy in policies]

@@ -13,7 +13,9 @@ from . import (
 )
 from ._backends import BACKENDS, available_backends, use_backend
 from .decode import RECIPES, decode_step
+from .ops.attention_mass import attention_mass
 from .ops.block_attention import block_attention
+from .ops.credit_confidence import credit_confidence, credit_state
 from .ops.logits_to_confidence import (
     logits_to_confidence,
     logits_to_confidence_merge,
@@ -26,9 +28,12 @@ __all__ = [
     "BACKENDS",
     "RECIPES",
     "armor_linear",
+    "attention_mass",
     "available_backends",
     "block_attention",
     "compress_24",
+    "credit_confidence",
+    "credit_state",
     "decode_step",
     "decompress_24",
     "distributed",

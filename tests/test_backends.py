@@ -138,7 +138,15 @@ def test_meta_tensors_take_the_fake_kernel(monkeypatch):
         dllm_kernels.sparse24_mm(meta(3, 16), values, meta16)  # the fake kernel checks too
 
 
-COMPILED_OPS = ("logits_to_confidence", "select_unmask", "sparse24_mm", "block_attention", "armor_linear")
+COMPILED_OPS = (
+    "logits_to_confidence",
+    "credit_confidence",
+    "select_unmask",
+    "sparse24_mm",
+    "block_attention",
+    "armor_linear",
+    "attention_mass",
+)
 
 
 def test_compiled_kernels_take_the_dispatch_keys():
@@ -160,10 +168,18 @@ def _calls():
     wrap_in, wrap_out = torch.randn(4, 16, 16), torch.randn(3, 8, 8)
     q, cache = torch.randn(2, 5, 4, 16), torch.randn(2, 24, 2, 16)
     new, starts, lengths = torch.randn(2, 5, 2, 16), torch.tensor([3, 9]).int(), torch.tensor([8, 24])
+    lse, key_mask = torch.randn(2, 4, 5) + 4, torch.rand(2, 24) < 0.3
+    credit = (torch.rand(12, 301).argsort(-1)[:, :3].view(3, 4, 3), torch.rand(3, 4, 3))
+
+    def credit_step():
+        state = [t.clone() for t in credit]  # every call from the same credit state
+        return (*dllm_kernels.credit_confidence(logits[:, 1:], logits_eligible, *state, beta=0.9), *state)
+
     return {
         "logits_to_confidence": lambda: dllm_kernels.logits_to_confidence(
             logits[:, 1:], logits_eligible, temperature=0.7, seed=5, score="margin"
         ),
+        "credit_confidence": credit_step,
         "select_unmask": lambda: dllm_kernels.select_unmask(
             score, eligible, k=k, policy="topk_or_threshold", threshold=0.2
         ),
@@ -179,6 +195,16 @@ def _calls():
             v_new=new,
             block_size=4,
             return_lse=True,
+        ),
+        "attention_mass": lambda: dllm_kernels.attention_mass(
+            q,
+            cache,
+            lse,
+            starts,
+            lengths.int(),
+            query_mask=torch.tensor([[True, False, True, True, True]] * 2),
+            key_mask=key_mask,
+            block_size=4,
         ),
     }
 

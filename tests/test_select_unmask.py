@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS
+from helpers import DEVICES, KERNEL_BACKENDS, run_cuda_emulation, run_emulated_cases_on_gpu
 
 import dllm_kernels
 from dllm_kernels import schedules, use_backend
@@ -13,6 +13,10 @@ from dllm_kernels.ops.select_unmask import POLICIES, dispatcher
 from dllm_kernels.reference.select_unmask import select_unmask as reference
 
 SHAPES = [(1, 1), (1, 19), (7, 99), (3, 989), (2, 2048)]
+SET_RULES = ("local_leap", "hierarchy")
+NEW_POLICIES = (*SET_RULES, "near_best")
+NEW_SHAPES = [(1, 1), (19, 99), (99, 19), (19, 989), (3, 5000)]
+THRESHOLD, LOW = 0.75, 0.5  # fp32 values, so that scores can sit exactly on them
 
 
 def run(backend, score, eligible, **kwargs):
@@ -149,16 +153,182 @@ def test_reference_by_hand():
     assert x.tolist() == [[0, 101, 102, 0, 0, 0, 0]]
 
 
+def rule_inputs(shape, device, ties):
+    """Scores and eligibility for the new policies: with ties, a handful of values with THRESHOLD, LOW and
+    both zeros among them; NaN and -inf inside runs; runs of a few eligible positions split by gaps, the
+    first row one run, the last of several rows nothing eligible."""
+    if ties:
+        values = torch.tensor([0.2, LOW, 0.6, THRESHOLD, 0.9, 1.0, -0.0, 0.0], device=device)
+        score = values[torch.randint(0, len(values), shape, device=device)]
+    else:
+        score = torch.rand(shape, device=device)
+    score[torch.rand(shape, device=device) < 0.05] = math.nan
+    score[torch.rand(shape, device=device) < 0.05] = -math.inf
+    eligible = torch.rand(shape, device=device) < 0.75
+    eligible[0] = True
+    if shape[0] > 2:
+        eligible[-1] = False
+    return score, eligible
+
+
+@pytest.mark.parametrize("policy", NEW_POLICIES)
+@pytest.mark.parametrize("shape", NEW_SHAPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_strided_rows_and_commit_through_views(backend, device):
+def test_new_policies_match_reference(backend, device, shape, policy):
+    """Scores at the thresholds (inclusive and not), ties, radii past the row, every floor, the commit."""
+    length = shape[1]
+    radii, margins = (0, 1, 4, length + 3), (0.0, 1e-5, 0.1, -0.05)
+    combos = [(t, c, m) for t in (False, True) for c in (False, True) for m in (0, 1, 3)]
+    if backend == "triton" and device == "cpu":
+        combos = [combos[j] for j in (0, 4, 8, 9)]  # the interpreter is slow: each option value once
+    for i, (ties, inclusive, min_per_row) in enumerate(combos):
+        score, eligible = rule_inputs(shape, device, ties)
+        check(
+            backend,
+            score,
+            eligible,
+            policy=policy,
+            threshold=THRESHOLD,
+            inclusive=inclusive,
+            min_per_row=min_per_row,
+            low_threshold=LOW,
+            radius=radii[i % 4],
+            margin=margins[i % 4],
+            token=torch.randint(0, 1000, shape, device=device),
+            x=torch.full(shape, -7, device=device),
+        )
+
+
+def test_new_policies_by_hand():
+    nan = math.nan
+    score = torch.tensor([[0.95, 0.3, 0.6, 0.55, nan, 0.7, 0.2, 0.8, 0.6]])
+    eligible = torch.tensor([[True] * 5 + [False] + [True] * 3])
+
+    def chosen(policy, min_per_row=0, **kwargs):
+        selected = reference(
+            score, eligible, policy=policy, threshold=0.9, min_per_row=min_per_row, **kwargs
+        )[0]
+        return selected[0].nonzero()[:, 0].tolist()
+
+    # anchor 0.95 at 0; within 2 of it only position 2 passes 0.5 (0.55 at 3 is 3 away)
+    assert chosen("local_leap", low_threshold=0.5, radius=2) == [0, 2]
+    assert chosen("local_leap", low_threshold=0.5, radius=3) == [0, 2, 3]
+    assert chosen("local_leap", low_threshold=0.5, radius=0) == [0]
+    # runs [0, 4] (NaN at 4) and [6, 8]: their maxima 0.95 and 0.8
+    assert chosen("hierarchy", low_threshold=0.5) == [0, 7]
+    assert chosen("hierarchy", low_threshold=0.85) == [0]
+    assert chosen("hierarchy", low_threshold=0.85, min_per_row=3) == [0, 2, 7]  # 0.6 tie: lower position
+    tied = reference(torch.tensor([[0.6, 0.6, 0.1]]), torch.ones(1, 3, dtype=torch.bool), policy="hierarchy")
+    assert tied[0].tolist() == [[True, True, False]] and tied[1].item() == 2  # every tied maximum
+    # best 0.95: bound min(0.9, 0.95 - margin)
+    assert chosen("near_best", margin=0.2) == [0, 7]
+    assert chosen("near_best", margin=0.01) == [0]
+    assert chosen("near_best", margin=-0.1, min_per_row=1) == [0]  # nothing passes: the floor
+    nothing = torch.zeros(1, 9, dtype=torch.bool)
+    for policy in NEW_POLICIES:
+        assert reference(score, nothing, policy=policy, min_per_row=3)[1].item() == 0
+
+
+def local_leap_upstream(p, active, threshold, relaxed, radius):
+    """LocalLeap's greedy get_transfer_index, restated: anchors pass the threshold; positions within
+    radius of an anchor need only the relaxed bound; the best active position of each row always goes."""
+    conf = torch.where(active, p, -torch.inf)
+    anchors = active & (conf >= threshold)
+    pooled = torch.nn.functional.max_pool1d(anchors.float()[:, None], 2 * radius + 1, 1, radius)[:, 0]
+    bound = torch.where(pooled > 0, torch.full_like(conf, relaxed), torch.full_like(conf, threshold))
+    keep = active & ~(conf < bound)
+    rows = torch.arange(p.shape[0])
+    best = conf.argmax(-1)  # the first maximum
+    keep[rows[active.any(-1)], best[active.any(-1)]] = True
+    return keep
+
+
+def hierarchy_upstream(conf, masked, tau, low):
+    """dInfer's hierarchy step for one row: each run of masked positions keeps its maximum if above low,
+    anything above tau goes, and so does the row's argmax; only masked positions."""
+    starts = masked & ~torch.cat([torch.zeros(1, dtype=torch.bool), masked[:-1]])
+    seg = torch.cumsum(starts.long(), 0) - 1
+    seg_max = torch.full((int(starts.sum()),), -torch.inf).scatter_reduce(
+        0, seg[masked], conf[masked], "amax"
+    )
+    transfer = torch.zeros_like(masked)
+    transfer[masked] = conf[masked] == seg_max[seg[masked]]
+    transfer &= conf > low
+    transfer |= conf > tau
+    transfer[conf.argmax()] = True
+    return transfer & masked
+
+
+def grid_scores(shape, steps=64):
+    """Multiples of 1/steps: many ties, exact in fp32, so fp32 and fp64 comparisons agree."""
+    return torch.randint(0, steps + 1, shape) / steps
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 4])
+def test_local_leap_equals_upstream(radius):
+    for _ in range(5):
+        p, active = grid_scores((6, 97)), torch.rand(6, 97) < 0.7
+        active[-1] = False
+        expected = local_leap_upstream(p, active, THRESHOLD, LOW, radius)
+        selected, count = dllm_kernels.select_unmask(
+            p,
+            active,
+            policy="local_leap",
+            threshold=THRESHOLD,
+            low_threshold=LOW,
+            radius=radius,
+            inclusive=True,
+        )
+        assert torch.equal(selected, expected) and torch.equal(count, expected.sum(-1).int())
+
+
+def test_hierarchy_equals_upstream_row_by_row():
+    for _ in range(5):
+        p, masked = grid_scores((7, 113)), torch.rand(7, 113) < 0.8
+        masked[-1] = False
+        conf = torch.where(masked, p, -torch.inf)
+        selected, count = dllm_kernels.select_unmask(
+            conf,
+            masked,
+            policy="hierarchy",
+            threshold=THRESHOLD,
+            low_threshold=LOW,
+            inclusive=False,
+            min_per_row=1,
+        )
+        for b in range(7):
+            assert torch.equal(selected[b], hierarchy_upstream(conf[b], masked[b], THRESHOLD, LOW)), b
+        assert torch.equal(count, selected.sum(-1).int())
+
+
+def test_near_best_equals_upstream_threshold_rule():
+    """dInfer's threshold decoder: conf >= clamp(max(conf) - 1e-5, -1000, tau). On a 1/1024 grid no score
+    lies within fp32 rounding of max - 1e-5, nor of tau = 0.9."""
+    for _ in range(5):
+        p, masked = grid_scores((8, 131), 1024), torch.rand(8, 131) < 0.6
+        p[:, 1::3] = p[:, ::3][:, : p[:, 1::3].shape[1]]  # repeated values, ties of the maximum too
+        conf = torch.where(masked, p, -torch.inf)
+        bound = torch.clamp(conf.max(-1, keepdim=True).values - 1e-5, -1000, 0.9)
+        expected = (conf >= bound) & masked
+        selected, _ = dllm_kernels.select_unmask(
+            conf, masked, policy="near_best", threshold=0.9, margin=1e-5, inclusive=True, min_per_row=0
+        )
+        assert torch.equal(selected, expected)
+
+
+@pytest.mark.parametrize("policy", ["topk", *NEW_POLICIES])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_rows_and_commit_through_views(backend, device, policy):
     wide = torch.rand(5, 300, device=device)
     score = wide[:, 20:120]  # row stride 300
     eligible = (torch.rand(5, 200, device=device) < 0.5)[:, ::1][:, 50:150]
     token = torch.randint(0, 9, (5, 400), device=device)[:, :100]
     x_full = torch.full((5, 101), -1, device=device)
     k = torch.randint(0, 30, (10,), device=device)[::2]  # non-contiguous k
-    check(backend, score, eligible, policy="topk", k=k, token=token, x=x_full[:, 1:])
+    options = dict(threshold=0.6, low_threshold=0.3, radius=2, margin=0.05)
+    check(backend, score, eligible, policy=policy, k=k, token=token, x=x_full[:, 1:], **options)
     assert (x_full[:, 0] == -1).all()
 
 
@@ -180,6 +350,9 @@ def test_opcheck_and_compile():
         dict(policy="threshold", threshold=0.3, inclusive=True, min_per_row=2),
         dict(policy="factor", factor=0.5, token=token, x=torch.zeros(4, 37, dtype=torch.int64)),
         dict(policy="topk_or_threshold", k=k.int(), threshold=0.5),
+        dict(policy="local_leap", threshold=0.8, low_threshold=0.4, radius=3, min_per_row=2),
+        dict(policy="hierarchy", low_threshold=0.3, token=token, x=torch.zeros(4, 37, dtype=torch.int64)),
+        dict(policy="near_best", threshold=0.95, margin=0.1, inclusive=True),
     ):
         torch.library.opcheck(torch.ops.dllm.select_unmask.default, (score, eligible), kwargs)
 
@@ -194,6 +367,19 @@ def test_opcheck_and_compile():
     ref_selected, ref_count = reference(score, eligible, policy="topk", k=k, token=token, x=x_ref)
     assert torch.equal(selected, ref_selected) and torch.equal(doubled, ref_count * 2)
     assert torch.equal(x, x_ref), "the commit into x must survive torch.compile"
+
+    options = dict(policy="local_leap", threshold=0.8, low_threshold=0.4, radius=2, min_per_row=0)
+
+    @torch.compile(fullgraph=True)
+    def leap(score, eligible, token, x):
+        return dllm_kernels.select_unmask(score, eligible, token=token, x=x, **options)
+
+    x.zero_()
+    x_ref.zero_()
+    selected, count = leap(score, eligible, token, x)
+    ref_selected, ref_count = reference(score, eligible, token=token, x=x_ref, **options)
+    assert torch.equal(selected, ref_selected) and torch.equal(count, ref_count)
+    assert torch.equal(x, x_ref)
 
 
 @pytest.mark.gpu
@@ -275,6 +461,24 @@ def _bad_calls():
             ValueError,
             "factor must be finite; got inf",
         ),
+        "nan low_threshold": (
+            (s, e),
+            dict(policy="hierarchy", low_threshold=math.nan),
+            ValueError,
+            "low_threshold must be finite; got nan",
+        ),
+        "negative radius": (
+            (s, e),
+            dict(policy="local_leap", radius=-1),
+            ValueError,
+            "radius must be >= 0; got -1",
+        ),
+        "inf margin": (
+            (s, e),
+            dict(policy="near_best", margin=-math.inf),
+            ValueError,
+            "margin must be finite; got -inf",
+        ),
         "None eligible": ((s, None), dict(k=k), TypeError, "eligible must be a Tensor; got NoneType"),
         "expanded x": (
             (s, e),
@@ -306,6 +510,21 @@ def test_bad_input_messages(case, backend):
     assert fragment in message, message
     if x is not None:
         assert torch.equal(x, before), "x was mutated although the call was refused"
+
+
+@pytest.mark.parametrize("part", range(2))
+def test_cuda_kernel_under_host_emulation(part, summary):
+    """csrc/cuda/select_unmask.cu, compiled for the host (tests/cuda_emulation): every policy on every key
+    path (registers, recomputed), against the reference."""
+    code, report = run_cuda_emulation("select_unmask", part, 2)
+    assert code == 0, report
+    summary(f"select_unmask CUDA emulation, part {part}", report.splitlines()[-1])
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_on_the_emulated_cases():
+    """The real kernel on every case the host emulation runs."""
+    run_emulated_cases_on_gpu("select_unmask")
 
 
 def test_schedules():

@@ -90,6 +90,42 @@ def _attention_cases(ba):
     return cases
 
 
+def _mass_cases(am):
+    """attention_mass at the configs its launcher picks: a 32-token block of a 32/8-head model (128 rows per
+    KV head: BLOCK_M 64) with masks and a block size, and a one-query decode step (4 rows: BLOCK_M 16), for
+    D 64 / 128, fp16 / bf16."""
+    import torch
+
+    cases = []
+    strides = [n for n in am._mass_kernel.arg_names if n.startswith("stride")]
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for head_dim in (64, 128):
+            for n_rows, group, masks, causal in ((128, 4, True, True), (4, 4, False, False)):
+                block_m, block_n, num_warps = am._config(n_rows, head_dim, dtype)
+                types = {"q_ptr": "*" + name, "k_ptr": "*" + name, "lse_ptr": "*fp32", "mass_ptr": "*fp32"}
+                types |= {n: "*i32" for n in ("q_start_ptr", "kv_len_ptr")}
+                types |= {n: "*i1" for n in ("query_mask_ptr", "key_mask_ptr")}
+                types |= {n: "i32" for n in ("n_queries", "s_max", "n_kv_heads", "block_size", *strides)}
+                types["scale"] = "fp32"
+                constexprs = dict(
+                    GROUP=group,
+                    HEAD_DIM=head_dim,
+                    BLOCK_D=head_dim,
+                    BLOCK_M=block_m,
+                    BLOCK_N=block_n,
+                    BLOCK_CAUSAL=causal,
+                    UPCAST=False,
+                    PRECISION="tf32",
+                )
+                if not masks:
+                    constexprs |= dict(query_mask_ptr=None, key_mask_ptr=None)
+                label = f"D{head_dim} {name} M{block_m} N{block_n} w{num_warps}" + (
+                    " masks+causal" if masks else ""
+                )
+                cases.append((am._mass_kernel, label, types, constexprs, dict(num_warps=num_warps)))
+    return cases
+
+
 def _sparse24_cases(s24):
     """sparse24_mm / armor_linear at the tiles s24._tiles picks: decode (M <= 16) unsplit and split K,
     M = 64 and prefill tiles, fp16 / bf16; armor's fp32 x (hi / lo MMAs) with the block-diagonal epilogue
@@ -150,7 +186,9 @@ def _sparse24_cases(s24):
 
 
 def _cases():
+    from dllm_kernels.triton_kernels import attention_mass as am
     from dllm_kernels.triton_kernels import block_attention as ba
+    from dllm_kernels.triton_kernels import credit_confidence as cc
     from dllm_kernels.triton_kernels import logits_to_confidence as ltc
     from dllm_kernels.triton_kernels import select_unmask as su
     from dllm_kernels.triton_kernels import sparse24_mm as s24
@@ -214,14 +252,24 @@ def _cases():
     # select_unmask: each policy at a 256-token and a 4096-token row, with the fused commit.
     select_types = {"score_ptr": "*fp32", "eligible_ptr": "*u8", "k_ptr": "*i64", "token_ptr": "*i64"}
     select_types |= {"x_ptr": "*i64", "selected_ptr": "*u8", "count_ptr": "*i32"}
-    select_types |= {n: "i32" for n in su._select_kernel.arg_names[7:17]}
+    select_types |= {n: "i32" for n in su._select_kernel.arg_names[7:22]}
     for policy in POLICIES:
         for block_l in (256, 4096):
             constexprs = dict(POLICY=policy, INCLUSIVE=True, BLOCK_L=block_l, LOG_L=block_l.bit_length() - 1)
             options = dict(num_warps=su._num_warps(block_l))
             cases.append((su._select_kernel, f"{policy} L{block_l}", select_types, constexprs, options))
 
-    return cases + _attention_cases(ba) + _sparse24_cases(s24)
+    # credit_confidence's slot epilogue (its scan is _scan_kernel's state variant): 8 slots (default) and 64.
+    credit_types = {"x_ptr": "*bf16", "state_ptr": "*fp64", "banned_ptr": "*i64", "tok_ptr": "*i64"}
+    credit_types |= {"val_ptr": "*fp32", "token_ptr": "*i64", "score_ptr": "*fp32"}
+    credit_types |= {n: "i32" for n in ("n_inner", "stride_o", "stride_i", "V", "n_banned", "S")}
+    credit_types |= {n: "i32" for n in ("tok_stride", "val_stride")}
+    credit_types |= {n: "fp32" for n in ("alpha", "beta", "gamma")}
+    for block_s in (8, 64):
+        constexprs = dict(BLOCK_S=block_s)
+        cases.append((cc._credit_kernel, f"S{block_s}", credit_types, constexprs, dict(num_warps=1)))
+
+    return cases + _attention_cases(ba) + _sparse24_cases(s24) + _mass_cases(am)
 
 
 def _compile(fn, types, constexprs, options):
@@ -294,11 +342,13 @@ def test_every_kernel_compiles_for_sm90_without_spills(summary):
     assert {r["kernel"] for r in rows} == {
         "_scan_kernel",
         "_merge_kernel",
+        "_credit_kernel",
         "_select_kernel",
         "_attn_kernel",
         "_write_kv_kernel",
         "_sparse24_kernel",
         "_sparse24_reduce_kernel",
+        "_mass_kernel",
     }
     spilling = [f"{r['kernel']} {r['config']}: {r['spill']} bytes" for r in rows if r["spill"]]
     assert not spilling, "register spills on sm_90:\n" + "\n".join(spilling)

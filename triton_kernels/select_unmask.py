@@ -12,9 +12,18 @@ factor rule. The count ``n`` follows ``select_count``; the n-th sorted key is th
 position is selected when ``n > 0`` and its key is at least the cut-off. The fused commit writes
 ``x[selected] = token[selected]`` from the same program.
 
+The set rules (local_leap, hierarchy) use the sort only for their floor (the first
+``min(min_per_row, S)`` of the order) and add their rule from prefix scans and gathers, whatever the
+radius: local_leap counts the anchors in ``[j - radius, j + radius]`` as the difference of two gathered
+entries of their prefix count; hierarchy takes each run's largest score as the larger of a prefix and a
+suffix max of ``run index << 32 | score order bits`` (run indices only grow along L, so neither crosses
+into another run), each by doubling with gathers. (tl.associative_scan with a max would do, but the
+interpreter calls Python for each element of such a scan; gathers and cumsum run in numpy.)
+
 No float arithmetic touches the score before the fp64 comparisons: NaN / -inf / -0.0 are recognised
-on the bit pattern, so flush-to-zero modes cannot move a score. ``threshold`` and ``factor`` travel as
-the two int32 halves of their fp64 bit patterns (a Python float argument would be passed as fp32).
+on the bit pattern, so flush-to-zero modes cannot move a score. ``threshold``, ``factor``,
+``low_threshold`` and ``margin`` travel as the two int32 halves of their fp64 bit patterns (a Python
+float argument would be passed as fp32).
 """
 
 import struct
@@ -77,7 +86,41 @@ def _sort_descending(x, LOG_N: tl.constexpr):
     return tl.reshape(h, [2**LOG_N])
 
 
-@triton.jit(do_not_specialize=["thr_hi", "thr_lo", "fac_hi", "fac_lo", "min_per_row"])
+@triton.jit
+def _scan_max(x, LOG_N: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive prefix max of a [2 ** LOG_N] vector (suffix max when REVERSE), by doubling."""
+    offs = tl.arange(0, 2**LOG_N)
+    for step in tl.static_range(LOG_N):
+        if REVERSE:
+            src = tl.minimum(offs + (1 << step), 2**LOG_N - 1)  # clamped: still inside the suffix
+        else:
+            src = tl.maximum(offs - (1 << step), 0)
+        x = tl.maximum(x, tl.gather(x, src, 0))
+    return x
+
+
+@triton.jit
+def _passes(s, bound, INCLUSIVE: tl.constexpr):
+    if INCLUSIVE:
+        return s >= bound
+    else:
+        return s > bound
+
+
+@triton.jit(
+    do_not_specialize=[
+        "thr_hi",
+        "thr_lo",
+        "fac_hi",
+        "fac_lo",
+        "min_per_row",
+        "low_hi",
+        "low_lo",
+        "radius",
+        "mar_hi",
+        "mar_lo",
+    ]
+)
 def _select_kernel(
     score_ptr,
     eligible_ptr,
@@ -96,6 +139,11 @@ def _select_kernel(
     fac_hi,
     fac_lo,
     min_per_row,
+    low_hi,
+    low_lo,
+    radius,
+    mar_hi,
+    mar_lo,
     POLICY: tl.constexpr,
     INCLUSIVE: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -126,8 +174,30 @@ def _select_kernel(
     else:
         k = tl.zeros((), tl.int64)
     top_k = tl.minimum(k, n_selectable.to(tl.int64))
+    s = bits.to(tl.float32, bitcast=True).to(tl.float64)
+    threshold = _fp64(thr_hi, thr_lo)
+    floor = tl.minimum(min_per_row, n_selectable).to(tl.int64)
 
-    if POLICY == "topk":
+    if POLICY == "local_leap" or POLICY == "hierarchy":
+        high = selectable & _passes(s, threshold, INCLUSIVE)
+        low = selectable & _passes(s, _fp64(low_hi, low_lo), INCLUSIVE)
+        if POLICY == "local_leap":
+            anchors = tl.cumsum(high.to(tl.int32), 0)  # anchors at or before each position
+            last = tl.gather(anchors, tl.minimum(offs + radius, BLOCK_L - 1), 0)
+            first = offs - radius - 1  # the last position before the window
+            near = last > tl.where(first >= 0, tl.gather(anchors, tl.maximum(first, 0), 0), 0)
+        else:
+            # Run index: 1 + the run starts at or before; an ineligible position keeps the last run's
+            # index with value 0, below every selectable score's biased order bits (>= 2^23).
+            prev = tl.load(eligible_ptr + row * stride_e + offs - 1, mask=in_row & (offs > 0), other=0) != 0
+            run = tl.cumsum((elig & ~prev).to(tl.int64), 0)
+            value = tl.where(selectable, okey.to(tl.int64) + 2147483648, 0)
+            ahead = _scan_max((run << 32) | value, LOG_L, False) & 0xFFFFFFFF
+            behind = _scan_max(((BLOCK_L - run) << 32) | value, LOG_L, True) & 0xFFFFFFFF
+            near = value == tl.maximum(ahead, behind)
+        rule = high | (near & low)
+        n = floor  # the floor's prefix first; the rule joins it below
+    elif POLICY == "topk":
         n = top_k
     elif POLICY == "factor" or POLICY == "factor_upstream":
         c = _score_of((ranked >> 32).to(tl.int32))
@@ -139,19 +209,17 @@ def _select_kernel(
             n = tl.where(n == n_selectable - 1, n_selectable.to(tl.int64), n)
     elif POLICY == "all":
         n = n_selectable.to(tl.int64)
+    elif POLICY == "near_best":  # how many pass min(threshold, best - margin): a prefix of the order
+        best = _score_of((tl.max(key, 0) >> 32).to(tl.int32))  # NaN in a row with nothing selectable
+        bound = tl.minimum(best - _fp64(mar_hi, mar_lo), threshold)
+        n = tl.sum((selectable & _passes(s, bound, INCLUSIVE)).to(tl.int32), 0).to(tl.int64)
     else:  # "threshold", "topk_or_threshold": how many selectable scores pass (a prefix of the order)
-        s = bits.to(tl.float32, bitcast=True).to(tl.float64)
-        threshold = _fp64(thr_hi, thr_lo)
-        if INCLUSIVE:
-            passes = s >= threshold
-        else:
-            passes = s > threshold
-        n_pass = tl.sum((selectable & passes).to(tl.int32), 0).to(tl.int64)
+        n_pass = tl.sum((selectable & _passes(s, threshold, INCLUSIVE)).to(tl.int32), 0).to(tl.int64)
         if POLICY == "threshold":
             n = n_pass
         else:
             n = tl.where(n_pass >= k, n_pass, top_k)
-    n = tl.maximum(n, tl.minimum(min_per_row, n_selectable).to(tl.int64))
+    n = tl.maximum(n, floor)
 
     # The key of rank n is the cut-off: selected = the n largest keys (all selectable since n <= S).
     # n = 0 selects nothing: no key reaches INT64_MAX (the largest is +inf's, 0x7F800000 << 32 | low).
@@ -159,6 +227,9 @@ def _select_kernel(
     cut = tl.max(tl.where(rank0.to(tl.int64) == n - 1, ranked, -9223372036854775807 - 1), 0)
     cut = tl.where(n > 0, cut, 9223372036854775807)
     selected = (key >= cut) & in_row
+    if POLICY == "local_leap" or POLICY == "hierarchy":
+        selected = selected | rule
+        n = tl.sum(selected.to(tl.int32), 0).to(tl.int64)
     tl.store(selected_ptr + row * L + offs, selected.to(tl.uint8), mask=in_row)
     tl.store(count_ptr + row, n.to(tl.int32))
     if x_ptr is not None:
@@ -177,7 +248,21 @@ def _num_warps(block_l: int) -> int:
     return max(1, min(16, block_l // 256))
 
 
-def select_unmask(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+def select_unmask(
+    score,
+    eligible,
+    policy,
+    k,
+    threshold,
+    inclusive,
+    factor,
+    min_per_row,
+    low_threshold,
+    radius,
+    margin,
+    token,
+    x,
+):
     """Triton provider of ``dllm::select_unmask`` (arguments already checked by the op). ``score`` fp32
     and ``eligible`` bool ``[B, L]``, unit stride along L; ``token`` / ``x`` int64 ``[B, L]`` or None
     (``x`` is written in place). Returns ``(selected bool [B, L], count int32 [B])``. No host sync."""
@@ -195,6 +280,8 @@ def select_unmask(score, eligible, policy, k, threshold, inclusive, factor, min_
     commit = x is not None
     thr_hi, thr_lo = _halves(threshold)
     fac_hi, fac_lo = _halves(factor)
+    low_hi, low_lo = _halves(low_threshold)
+    mar_hi, mar_lo = _halves(margin)
     block_l = max(2, triton.next_power_of_2(length))
     _select_kernel[(n_rows,)](
         score,
@@ -214,6 +301,11 @@ def select_unmask(score, eligible, policy, k, threshold, inclusive, factor, min_
         fac_hi,
         fac_lo,
         min(int(min_per_row), length),  # min(min_per_row, S) == min(min(min_per_row, L), S)
+        low_hi,
+        low_lo,
+        min(int(radius), length),  # a wider neighbourhood sees nothing more
+        mar_hi,
+        mar_lo,
         POLICY=policy,
         INCLUSIVE=bool(inclusive),
         BLOCK_L=block_l,

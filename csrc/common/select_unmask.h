@@ -2,8 +2,10 @@
 // Framework-free; docs/ops.md is the contract and dllm_kernels/reference/select_unmask.py the readable
 // statement.
 //
-// Every policy reduces to a count n per row: select the first n selectable positions of the stable
-// descending order on (score, -position). Selectable = eligible, score neither -inf nor NaN.
+// Every policy but the set rules reduces to a count n per row: select the first n selectable positions
+// of the stable descending order on (score, -position). Selectable = eligible, score neither -inf nor
+// NaN. The set rules (local_leap, hierarchy) select the selectable positions that pass a per-position
+// rule, united with the first min(min_per_row, selectable) of that order.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +26,9 @@ enum DllmPolicy {
   DLLM_POLICY_TOPK_OR_THRESHOLD = 3,
   DLLM_POLICY_ALL = 4,
   DLLM_POLICY_FACTOR_UPSTREAM = 5,
+  DLLM_POLICY_LOCAL_LEAP = 6,
+  DLLM_POLICY_HIERARCHY = 7,
+  DLLM_POLICY_NEAR_BEST = 8,
 };
 
 typedef struct {
@@ -38,6 +43,9 @@ typedef struct {
   int inclusive;
   double factor;
   int64_t min_per_row;
+  double low_threshold;  // local_leap, hierarchy
+  int64_t radius;        // local_leap, >= 0
+  double margin;         // near_best
   const int64_t* token;  // [rows, length] or NULL: fused commit x[selected] = token[selected]
   int64_t* x;
   int64_t token_stride, x_stride;
@@ -63,9 +71,24 @@ DLLM_HD DLLM_INLINE int64_t row_k(const DllmSelectParams& p, int64_t row) {
   return k < 0 ? 0 : k;
 }
 
-DLLM_HD DLLM_INLINE bool passes_threshold(const DllmSelectParams& p, float score) {
+DLLM_HD DLLM_INLINE bool passes(const DllmSelectParams& p, float score, double bound) {
   const double s = score;
-  return p.inclusive ? s >= p.threshold : s > p.threshold;
+  return p.inclusive ? s >= bound : s > bound;
+}
+
+DLLM_HD DLLM_INLINE bool passes_threshold(const DllmSelectParams& p, float score) {
+  return passes(p, score, p.threshold);
+}
+
+// The policies that select by a per-position rule instead of a count.
+DLLM_HD DLLM_INLINE bool is_set_rule(int policy) {
+  return policy == DLLM_POLICY_LOCAL_LEAP || policy == DLLM_POLICY_HIERARCHY;
+}
+
+// near_best's bound, from the row's largest selectable score: dInfer's min(threshold, best - margin).
+DLLM_HD DLLM_INLINE double near_best_bound(const DllmSelectParams& p, float best) {
+  const double bound = static_cast<double>(best) - p.margin;
+  return bound < p.threshold ? bound : p.threshold;
 }
 
 // The policies that need the longest passing prefix of the sorted order.
@@ -78,8 +101,9 @@ DLLM_HD DLLM_INLINE bool passes_factor(const DllmSelectParams& p, float score, i
   return rank == 1 || static_cast<double>(score) >= 1.0 - p.factor / static_cast<double>(rank + 1);
 }
 
-// The count of a row from what the policy needs: the selectable count, how many pass the threshold,
-// and (factor) the longest passing prefix of the order.
+// The count of a row from what the policy needs: the selectable count, how many pass the threshold
+// (near_best: its row bound), and (factor) the longest passing prefix of the order. The set rules count
+// their selection instead; here they get their floor.
 DLLM_HD DLLM_INLINE int64_t select_count(const DllmSelectParams& p, int64_t row, int64_t n_selectable,
                                          int64_t n_pass, int64_t factor_prefix) {
   const int64_t k = row_k(p, row);
@@ -90,6 +114,7 @@ DLLM_HD DLLM_INLINE int64_t select_count(const DllmSelectParams& p, int64_t row,
       n = top_k;
       break;
     case DLLM_POLICY_THRESHOLD:
+    case DLLM_POLICY_NEAR_BEST:
       n = n_pass;
       break;
     case DLLM_POLICY_FACTOR:
@@ -100,6 +125,10 @@ DLLM_HD DLLM_INLINE int64_t select_count(const DllmSelectParams& p, int64_t row,
       break;
     case DLLM_POLICY_TOPK_OR_THRESHOLD:
       n = n_pass >= k ? n_pass : top_k;
+      break;
+    case DLLM_POLICY_LOCAL_LEAP:
+    case DLLM_POLICY_HIERARCHY:
+      n = 0;
       break;
     default:
       n = n_selectable;

@@ -21,12 +21,20 @@
 // key and skipping the position digits no key uses. Every thread then writes its positions' selected
 // flag and, with token and x, the fused commit. Nothing depends on thread timing: the only
 // order-dependent step, the gather before the sort, is undone by the sort of distinct keys.
+//
+// near_best counts against a row bound from the largest key (a second block reduction) and otherwise
+// goes as threshold. The set rules (local_leap, hierarchy) take the cut of their floor,
+// min(min_per_row, S), as above; each thread then decides its positions by the rule, reading the
+// neighbourhood from global memory (local_leap: the nearest anchor within radius, O(min(radius, its
+// distance)) reads; hierarchy: a larger score in the run, O(run length), cut short at the first one),
+// and a block sum gives the count.
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdint>
 
 #include "common/select_unmask.h"
+#include "cuda/ptx.cuh"
 
 namespace dllm {
 namespace {
@@ -68,6 +76,10 @@ struct Row {
 
   __device__ __forceinline__ uint64_t key(int pos) const {
     return make_key(score[pos], eligible[pos] != 0, pos, length);
+  }
+  // local_leap's anchor: eligible and passing the threshold (which NaN and -inf never pass).
+  __device__ __forceinline__ bool anchor(const DllmSelectParams& p, int pos) const {
+    return eligible[pos] != 0 && passes_threshold(p, score[pos]);
   }
 };
 
@@ -113,6 +125,7 @@ struct alignas(16) Shared {
   uint32_t hist[kBins];  // all zero between radix passes (warp 0 clears what it reads)
   WarpStats red_stats[kWarps];
   alignas(16) int red_min[kWarps];
+  uint32_t red_sum[kWarps];
   uint64_t prefix;  // radix select state, written by one lane of warp 0
   uint32_t remaining;
   int done;
@@ -199,6 +212,17 @@ __device__ __forceinline__ int block_min(int v, Shared& sm) {
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) m = sm.red_min[w] < m ? sm.red_min[w] : m;
   return m;
+}
+
+// Block-wide sum; one barrier. sm.red_sum is written once a row, after the row's first barrier.
+__device__ __forceinline__ uint32_t block_sum(uint32_t v, Shared& sm) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) sm.red_sum[threadIdx.x / 32] = v;
+  __syncthreads();
+  uint32_t total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += sm.red_sum[w];
+  return total;
 }
 
 // The m-th largest selectable key, 2 <= m <= the selectable count (so kmin != kmax). MSB-first radix
@@ -331,9 +355,58 @@ __device__ int64_t factor_prefix(const DllmSelectParams& p, const Keys<K>& keys,
   return n_sel;
 }
 
+// local_leap: an anchor within radius of pos, nearest first, so the scan stops at the closest one.
+__device__ bool near_anchor(const DllmSelectParams& p, const Row& row, int pos, int radius) {
+  for (int d = 1; d <= radius; ++d) {
+    const bool left = d <= pos, right = d < row.length - pos;  // no int overflow for rows near 2^31
+    if (!left && !right) break;
+    if ((left && row.anchor(p, pos - d)) || (right && row.anchor(p, pos + d))) return true;
+  }
+  return false;
+}
+
+// hierarchy: no score in pos's run of eligible positions is larger than s (NaN and -inf never are).
+__device__ bool run_max(const Row& row, int pos, float s) {
+  for (int a = pos - 1; a >= 0 && row.eligible[a] != 0; --a) {
+    if (row.score[a] > s) return false;
+  }
+  for (int a = pos + 1; a < row.length && row.eligible[a] != 0; ++a) {
+    if (row.score[a] > s) return false;
+  }
+  return true;
+}
+
+// The set rules: the floor's cut, then each position by the rule; returns the row's count.
+template <int K>
+__device__ uint32_t select_set(const DllmSelectParams& p, const Keys<K>& keys, const Row& row, const RowStats& st,
+                               Shared& sm, bool* selected, int64_t* x, const int64_t* token) {
+  const uint32_t floor = p.min_per_row < st.n_sel ? static_cast<uint32_t>(p.min_per_row) : st.n_sel;
+  uint64_t cut = kAbove;
+  if (floor == 1) {
+    cut = st.kmax;
+  } else if (floor > 1) {
+    cut = floor == st.n_sel ? st.kmin : radix_select(keys, row, floor, st, sm);
+  }
+  const int radius = p.radius < row.length ? static_cast<int>(p.radius) : row.length;
+  const bool leap = p.policy == DLLM_POLICY_LOCAL_LEAP;
+  uint32_t n = 0;
+  keys.each(row, [&](uint64_t key, int pos) {
+    bool sel = false;
+    if (key != 0) {
+      const float s = key_score(key);
+      sel = key >= cut || passes_threshold(p, s) ||
+            (passes(p, s, p.low_threshold) && (leap ? near_anchor(p, row, pos, radius) : run_max(row, pos, s)));
+    }
+    selected[pos] = sel;
+    if (x != nullptr && sel) x[pos] = token[pos];
+    n += sel ? 1u : 0u;
+  });
+  return block_sum(n, sm);
+}
+
 template <int K>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) select_kernel(const DllmSelectParams p, const int sort_cap) {
-  extern __shared__ uint64_t buf[];  // sort_cap keys (factor policy only)
+  uint64_t* const buf = reinterpret_cast<uint64_t*>(ptx::dynamic_smem());  // sort_cap keys (factor only)
   __shared__ Shared sm;
   sm.hist[threadIdx.x] = 0;  // ordered before any use by the first barrier of the first row
   const int length = static_cast<int>(p.length);
@@ -357,20 +430,37 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) select_kernel(const D
       }
     });
     const RowStats st = block_stats(n_sel, n_pass, kmin, kmax, sm);
+    bool* selected = p.selected + r * length;
+    int64_t* x = commit ? p.x + r * p.x_stride : nullptr;
+    const int64_t* token = commit ? p.token + r * p.token_stride : nullptr;
+    if (is_set_rule(p.policy)) {
+      const uint32_t count = select_set(p, keys, row, st, sm, selected, x, token);
+      if (threadIdx.x == 0) p.count[r] = static_cast<int32_t>(count);
+      continue;
+    }
+
+    double bound = p.threshold;  // what n_pass counts against
+    n_pass = st.n_pass;
+    if (p.policy == DLLM_POLICY_NEAR_BEST) {  // kmax is 0 in a row with nothing selectable: no key passes
+      bound = near_best_bound(p, key_score(st.kmax));
+      uint32_t c = 0;
+      keys.each(row, [&](uint64_t key, int) { c += key != 0 && passes(p, key_score(key), bound) ? 1u : 0u; });
+      n_pass = block_sum(c, sm);
+    }
 
     int64_t factor = 0;
     Sorted sorted{0, 0};
     if (uses_factor(p.policy)) factor = factor_prefix(p, keys, row, st, buf, sort_cap, sm, sorted);
-    const int64_t n = select_count(p, r, st.n_sel, st.n_pass, factor);
+    const int64_t n = select_count(p, r, st.n_sel, n_pass, factor);
 
-    // The cut: selected = selectable and key >= cut (or, when the count is the threshold's, passing).
+    // The cut: selected = selectable and key >= cut (or, when the count is the bound's, passing).
     uint64_t cut = kAbove;
     bool by_threshold = false;
     if (n == 0) {
       cut = kAbove;
     } else if (n == st.n_sel) {
       cut = st.kmin;
-    } else if (n == st.n_pass) {
+    } else if (n == n_pass) {
       by_threshold = true;  // the passing positions are a prefix of the order
     } else if (n == 1) {
       cut = st.kmax;
@@ -380,11 +470,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) select_kernel(const D
       cut = radix_select(keys, row, static_cast<uint32_t>(n), st, sm);
     }
 
-    bool* selected = p.selected + r * length;
-    int64_t* x = commit ? p.x + r * p.x_stride : nullptr;
-    const int64_t* token = commit ? p.token + r * p.token_stride : nullptr;
     keys.each(row, [&](uint64_t key, int pos) {
-      const bool sel = key != 0 && (by_threshold ? passes_threshold(p, key_score(key)) : key >= cut);
+      const bool sel = key != 0 && (by_threshold ? passes(p, key_score(key), bound) : key >= cut);
       selected[pos] = sel;
       if (commit && sel) x[pos] = token[pos];
     });

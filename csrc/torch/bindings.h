@@ -25,9 +25,11 @@ inline int dtype_code(const at::Tensor& t, const char* op) {
 }
 
 void register_logits_to_confidence(pybind11::module_& m);
+void register_credit_confidence(pybind11::module_& m);
 void register_select_unmask(pybind11::module_& m);
 void register_sparse24_mm(pybind11::module_& m);
 void register_block_attention(pybind11::module_& m);
+void register_attention_mass(pybind11::module_& m);
 void register_fast_path(pybind11::module_& m);
 
 }  // namespace dllm::bindings

@@ -24,8 +24,8 @@ struct SelectLaunch {
   Tensor selected, count, k;  // k: [B], made contiguous (tiny)
 
   SelectLaunch(const Tensor& score, const Tensor& eligible, int64_t policy, const std::optional<Tensor>& k_in,
-               double threshold, bool inclusive, double factor, int64_t min_per_row,
-               const std::optional<Tensor>& token, const std::optional<Tensor>& x) {
+               double threshold, bool inclusive, double factor, int64_t min_per_row, double low_threshold,
+               int64_t radius, double margin, const std::optional<Tensor>& token, const std::optional<Tensor>& x) {
     if (k_in) k = k_in->contiguous();
     selected = at::empty(score.sizes(), score.options().dtype(at::kBool));
     count = at::empty({score.size(0)}, score.options().dtype(at::kInt));
@@ -43,6 +43,9 @@ struct SelectLaunch {
         inclusive,
         factor,
         min_per_row,
+        low_threshold,
+        radius,
+        margin,
         token ? token->data_ptr<int64_t>() : nullptr,
         x ? x->data_ptr<int64_t>() : nullptr,
         token ? token->stride(0) : 0,
@@ -56,9 +59,10 @@ struct SelectLaunch {
 // The kernel on score's device.
 std::tuple<Tensor, Tensor> run(const Tensor& score, const Tensor& eligible, int64_t policy,
                                const std::optional<Tensor>& k, double threshold, bool inclusive, double factor,
-                               int64_t min_per_row, const std::optional<Tensor>& token,
-                               const std::optional<Tensor>& x) {
-  SelectLaunch launch(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x);
+                               int64_t min_per_row, double low_threshold, int64_t radius, double margin,
+                               const std::optional<Tensor>& token, const std::optional<Tensor>& x) {
+  SelectLaunch launch(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, low_threshold, radius,
+                      margin, token, x);
   if (score.is_cpu()) {
     dllm_select_unmask_cpu(&launch.params, at::get_num_threads());
 #ifdef DLLM_WITH_CUDA
@@ -78,8 +82,8 @@ bool needs_k(int policy) { return policy == DLLM_POLICY_TOPK || policy == DLLM_P
 
 // A call the Python checks accept (a subset of them is enough: anything else goes to Python).
 bool accepts(const Tensor& score, const Tensor& eligible, int policy, const std::optional<Tensor>& k,
-             double threshold, double factor, int64_t min_per_row, const std::optional<Tensor>& token,
-             const std::optional<Tensor>& x) {
+             double threshold, double factor, int64_t min_per_row, double low_threshold, int64_t radius,
+             double margin, const std::optional<Tensor>& token, const std::optional<Tensor>& x) {
   if (score.dim() != 2 || score.size(1) >= (int64_t{1} << 31)) return false;
   if (score.is_cuda() && score.size(1) > kSelectCudaMaxLength) return false;
   const int64_t rows = score.size(0), length = score.size(1);
@@ -94,22 +98,26 @@ bool accepts(const Tensor& score, const Tensor& eligible, int policy, const std:
   if (x && (!is_matrix(*x, at::kLong, rows, length, device) || !is_matrix(*token, at::kLong, rows, length, device) ||
             !rows_disjoint(*x)))
     return false;
-  return min_per_row >= 0 && std::isfinite(threshold) && std::isfinite(factor);
+  return min_per_row >= 0 && radius >= 0 && std::isfinite(threshold) && std::isfinite(factor) &&
+         std::isfinite(low_threshold) && std::isfinite(margin);
 }
 
 // The op's kernel for the CPU and CUDA dispatch keys.
 std::tuple<Tensor, Tensor> op(const Tensor& score, const Tensor& eligible, c10::string_view policy_name,
                               const std::optional<Tensor>& k, double threshold, bool inclusive, double factor,
-                              int64_t min_per_row, const std::optional<Tensor>& token, const std::optional<Tensor>& x) {
+                              int64_t min_per_row, double low_threshold, int64_t radius, double margin,
+                              const std::optional<Tensor>& token, const std::optional<Tensor>& x) {
   const int policy = choice_index(kOp, policy_name);
   if (fast_path_enabled() && policy >= 0 &&
-      accepts(score, eligible, policy, k, threshold, factor, min_per_row, token, x))
-    return run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x);
+      accepts(score, eligible, policy, k, threshold, factor, min_per_row, low_threshold, radius, margin, token, x))
+    return run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, low_threshold, radius, margin,
+               token, x);
   namespace py = pybind11;
   using namespace pybind11::literals;
   const py::gil_scoped_acquire gil;
   const py::dict kwargs("policy"_a = std::string(policy_name), "k"_a = k, "threshold"_a = threshold,
                         "inclusive"_a = inclusive, "factor"_a = factor, "min_per_row"_a = min_per_row,
+                        "low_threshold"_a = low_threshold, "radius"_a = radius, "margin"_a = margin,
                         "token"_a = token, "x"_a = x);
   return python_impl(kOp, py::make_tuple(score, eligible), kwargs).cast<std::tuple<Tensor, Tensor>>();
 }

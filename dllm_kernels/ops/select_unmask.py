@@ -10,7 +10,17 @@ from ..reference import select_unmask as reference
 from ._common import OpError, describe, op_call
 
 OP = "select_unmask"
-POLICIES = ("topk", "threshold", "factor", "topk_or_threshold", "all", "factor_upstream")
+POLICIES = (
+    "topk",
+    "threshold",
+    "factor",
+    "topk_or_threshold",
+    "all",
+    "factor_upstream",
+    "local_leap",
+    "hierarchy",
+    "near_best",
+)
 _NEEDS_K = ("topk", "topk_or_threshold")
 _err = OpError(OP)
 
@@ -25,6 +35,9 @@ def select_unmask(
     inclusive: bool = False,
     factor: float = 1.0,
     min_per_row: int = 1,
+    low_threshold: float = 0.0,
+    radius: int = 0,
+    margin: float = 0.0,
     token: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,18 +52,41 @@ def select_unmask(
             prefix, as the paper writes it), "factor_upstream" (as Fast-dLLM's released code runs it: a
             row whose first failing rank is its last commits that rank too), "topk_or_threshold" (SDAR:
             every passing position when at least ``k[b]`` pass, else the top ``k[b]``), "all" (Prophet's
-            commit of everything).
+            commit of everything), "near_best" (dInfer's threshold decoder: ``score`` passes
+            ``min(threshold, best - margin)``, ``best`` the row's largest selectable score). Two set
+            rules, not prefixes of the order: "local_leap" (LocalLeap: passing ``threshold``, or passing
+            ``low_threshold`` within ``radius`` positions of a position that passes ``threshold``) and
+            "hierarchy" (dInfer's HierarchyDecoder: passing ``threshold``, or passing ``low_threshold``
+            and the largest score of its run of consecutive eligible positions, every tie included).
         k: int32 / int64 ``[B]`` on the score's device; needed by "topk" and "topk_or_threshold";
             clamped to the selectable count; ``k <= 0`` asks for nothing (``min_per_row`` still applies).
-        threshold, inclusive, factor: compared in fp64 with the fp32 score widened exactly.
-        min_per_row: every row selects at least ``min(min_per_row, selectable)`` positions, best first.
+        threshold, inclusive, factor, low_threshold, margin: compared in fp64 with the fp32 score widened
+            exactly; ``inclusive`` makes every threshold comparison ``>=``. Finite.
+        min_per_row: every row selects at least ``min(min_per_row, selectable)`` positions, best first
+            (the set rules: united with the first ``min(min_per_row, selectable)`` of the order).
+        radius: int ``>= 0``, "local_leap"'s neighbourhood along L.
         token, x: int64 ``[B, L]``, both or neither: ``x[selected] = token[selected]`` in the same launch.
 
     Returns:
-        ``selected`` bool ``[B, L]`` and ``count`` int32 ``[B]``. Selection is exact: the first ``count[b]``
-        positions of a stable descending sort on ``(score, -position)``. No host sync.
+        ``selected`` bool ``[B, L]`` and ``count`` int32 ``[B]``. Selection is exact: but for the set rules,
+        the first ``count[b]`` positions of a stable descending sort on ``(score, -position)``. No host
+        sync.
     """
-    return _call(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+    return _call(
+        score,
+        eligible,
+        policy,
+        k,
+        threshold,
+        inclusive,
+        factor,
+        min_per_row,
+        low_threshold,
+        radius,
+        margin,
+        token,
+        x,
+    )
 
 
 def _matrix(name, t, dtype, score):
@@ -81,6 +117,9 @@ def checked_args(
     inclusive=False,
     factor=1.0,
     min_per_row=1,
+    low_threshold=0.0,
+    radius=0,
+    margin=0.0,
     token=None,
     x=None,
 ):
@@ -122,7 +161,27 @@ def checked_args(
         _err(f"threshold must be finite; got {threshold}", ValueError)
     if not math.isfinite(factor):
         _err(f"factor must be finite; got {factor}", ValueError)
-    return score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x
+    if not math.isfinite(low_threshold):
+        _err(f"low_threshold must be finite; got {low_threshold}", ValueError)
+    if radius < 0:
+        _err(f"radius must be >= 0; got {radius}", ValueError)
+    if not math.isfinite(margin):
+        _err(f"margin must be finite; got {margin}", ValueError)
+    return (
+        score,
+        eligible,
+        policy,
+        k,
+        threshold,
+        inclusive,
+        factor,
+        min_per_row,
+        low_threshold,
+        radius,
+        margin,
+        token,
+        x,
+    )
 
 
 def _fake(score, *_):
@@ -135,11 +194,9 @@ _call = op_call(OP, select_unmask)
 dispatcher.register("reference")(reference.select_unmask)
 
 
-def _compiled(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+def _compiled(score, eligible, policy, *options):
     """The cpu and cuda providers: the compiled kernel on score's device."""
-    policy = POLICIES.index(policy)
-    run = _extension._C.select_unmask_run
-    return run(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+    return _extension._C.select_unmask_run(score, eligible, POLICIES.index(policy), *options)
 
 
 # The CUDA kernel's positions are ints with room for its 256 threads (kSelectCudaMaxLength).
@@ -162,7 +219,7 @@ def _triton_supports(score, *args, **kwargs):
 
 
 @dispatcher.register("triton", supports=_triton_supports)
-def _triton(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x):
+def _triton(*arguments):
     from ..triton_kernels.select_unmask import select_unmask as launch
 
-    return launch(score, eligible, policy, k, threshold, inclusive, factor, min_per_row, token, x)
+    return launch(*arguments)

@@ -307,6 +307,53 @@ template <class T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int = 32) {
   return shuffle<T>(mask, v, [](int l, int a) { return l + a; }, static_cast<int>(delta));
 }
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int = 32) {
+  return shuffle<T>(mask, v, [](int l, int a) { return l - a; }, static_cast<int>(delta));
+}
+
+// redux.sync (sm_80): every lane gets the warp's sum / min / max.
+namespace dllm_emu {
+template <class T, class Op>
+T redux(unsigned mask, T v, Op op) {
+  static_assert(sizeof(T) == 4);
+  if (mask != 0xffffffffu) fail("redux: partial masks are not emulated");
+  uint32_t word;
+  std::memcpy(&word, &v, 4);
+  const uint32_t* all = exchange(&word, 1);
+  T out;
+  std::memcpy(&out, all, 4);
+  for (int l = 1; l < 32; ++l) {
+    T other;
+    std::memcpy(&other, all + l * kSlotWords, 4);
+    out = op(out, other);
+  }
+  return out;
+}
+}  // namespace dllm_emu
+template <class T>
+T __reduce_add_sync(unsigned mask, T v) {
+  return dllm_emu::redux(mask, v, [](T a, T b) { return static_cast<T>(a + b); });
+}
+template <class T>
+T __reduce_min_sync(unsigned mask, T v) {
+  return dllm_emu::redux(mask, v, [](T a, T b) { return a < b ? a : b; });
+}
+template <class T>
+T __reduce_max_sync(unsigned mask, T v) {
+  return dllm_emu::redux(mask, v, [](T a, T b) { return a > b ? a : b; });
+}
+
+// The fibers of a CTA never run at once, so a plain read-modify-write is atomic.
+template <class T>
+T atomicAdd(T* address, T v) {
+  const T old = *address;
+  *address = old + v;
+  return old;
+}
+
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
 
 template <class T>
 inline T __ldg(const T* p) {
