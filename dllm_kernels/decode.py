@@ -14,11 +14,15 @@ distribution but come from this library's counter-based generator (``seed``, ``o
 the softmax in the model's dtype, and entropies have no epsilon inside the log.
 """
 
+import dataclasses
 import inspect
+import math
+from typing import NamedTuple
 
 import torch
 
 from . import distributed
+from .ops.credit_confidence import credit_confidence
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
 
@@ -43,17 +47,40 @@ def _confidence(logits, eligible, *, group=None, vocab_start=None, **options):
     return distributed.logits_to_confidence(logits, eligible, vocab_start=vocab_start, group=group, **options)
 
 
-def _step(logits, x, eligible, *, shift=False, **options):
-    if shift:  # position j is predicted by the logits of position j - 1 (Dream, Fast-dLLM v2)
-        logits, x_view, eligible = logits[:, :-1], x[:, 1:], eligible[:, 1:]
-    else:
-        x_view = x
-    confidence_options = {name: options.pop(name) for name in _CONFIDENCE_OPTIONS if name in options}
-    token, confidence = _confidence(logits, eligible, **confidence_options)
-    selected, count = select_unmask(confidence, eligible, token=token, x=x_view, **options)
+class Step(NamedTuple):
+    """What a recipe's step computed: ``x`` (updated in place), the positions it wrote, how many per row,
+    and every position's token and score (``-1`` / ``-inf`` where it was not scored)."""
+
+    x: torch.Tensor
+    selected: torch.Tensor
+    count: torch.Tensor
+    token: torch.Tensor
+    score: torch.Tensor
+
+
+def _unshift(token, score):
+    """Position j's token and score of a shifted step (computed on [1, L)) moved to j; position 0: none."""
+    pad = torch.nn.functional.pad
+    return pad(token, (1, 0), value=-1), pad(score, (1, 0), value=-math.inf)
+
+
+def _scored(logits, eligible, shift, **options):
+    """(token, score, eligible) of the positions a step scores, shifted when the recipe reads position j's
+    prediction from the logits of j - 1 (Dream, Fast-dLLM v2)."""
     if shift:
+        logits, eligible = logits[:, :-1], eligible[:, 1:]
+    token, score = _confidence(logits, eligible, **options)
+    return token, score, eligible
+
+
+def _step(logits, x, eligible, *, shift=False, **options):
+    confidence_options = {name: options.pop(name) for name in _CONFIDENCE_OPTIONS if name in options}
+    token, score, eligible = _scored(logits, eligible, shift, **confidence_options)
+    selected, count = select_unmask(score, eligible, token=token, x=x[:, 1:] if shift else x, **options)
+    if shift:
+        token, score = _unshift(token, score)
         selected = torch.nn.functional.pad(selected, (1, 0))
-    return x, selected, count
+    return Step(x, selected, count, token, score)
 
 
 def _choice(option, value, choices: dict):
@@ -211,6 +238,196 @@ def prophet(
     )
 
 
+def local_leap(
+    logits, x, eligible, *, threshold=0.9, relaxed_threshold=0.75, radius=4, temperature=0.0, **options
+):
+    """LocalLeap (anchor-neighbourhood decoding, LLaDA ``get_transfer_index``): confidence
+    ``softmax(l)[token]``; anchors are eligible positions with ``confidence >= threshold``; commit every
+    position with ``confidence >= relaxed_threshold`` within ``radius`` positions of an anchor, every
+    other one with ``confidence >= threshold``, and always the most confident one."""
+    return _step(
+        logits,
+        x,
+        eligible,
+        temperature=temperature,
+        policy="local_leap",
+        threshold=threshold,
+        low_threshold=relaxed_threshold,
+        radius=radius,
+        inclusive=True,
+        min_per_row=1,
+        **options,
+    )
+
+
+def hierarchy(logits, x, eligible, *, threshold=None, low_threshold=0.4, temperature=0.0, **options):
+    """dInfer ``HierarchyDecoder``: confidence ``softmax(l)[token]``; in each run of consecutive eligible
+    positions commit its most confident position(s) when ``> low_threshold``, plus every position
+    ``> threshold`` (``None``, upstream's default: none) and always the row's most confident one."""
+    return _step(
+        logits,
+        x,
+        eligible,
+        temperature=temperature,
+        policy="hierarchy",
+        threshold=1.0 if threshold is None else threshold,  # a probability is never > 1
+        low_threshold=low_threshold,
+        inclusive=False,
+        min_per_row=1,
+        **options,
+    )
+
+
+def credit(
+    logits,
+    x,
+    eligible,
+    *,
+    credit,
+    mask_id,
+    threshold=0.9,
+    alpha=0.7,
+    beta=0.8,
+    gamma=0.2,
+    margin=1e-5,
+    banned=None,
+):
+    """dInfer ``CreditThresholdParallelDecoder`` (CreditDecoding): ``credit = (credit_token,
+    credit_value)`` from ``credit_state``, reset at each block's start, updated in place
+    (``credit_confidence``: decay by ``beta``, ``p_top1 ** gamma`` to each eligible position's raw argmax,
+    token and score from the fused logits ``l + alpha * log(C + 1)``). dInfer's threshold rule then
+    commits the eligible positions whose token is not ``mask_id`` with ``score >= min(threshold,
+    best - margin)`` (``near_best``): everything at or above the threshold, else the best and its near
+    ties."""
+    token, score = credit_confidence(
+        logits, eligible, *credit, alpha=alpha, beta=beta, gamma=gamma, banned=banned
+    )
+    candidates = eligible & (token != mask_id)
+    selected, count = select_unmask(
+        score,
+        candidates,
+        policy="near_best",
+        threshold=threshold,
+        margin=margin,
+        inclusive=True,
+        min_per_row=1,
+        token=token,
+        x=x,
+    )
+    return Step(x, selected, count, token, score)
+
+
+def joint_threshold(
+    logits, x, eligible, *, editable, threshold=0.5, edit_threshold=0.0, temperature=0.0, **options
+):
+    """SGLang ``JointThreshold`` (LLaDA 2.x editing): confidence ``softmax(l)[token]`` over the eligible
+    (masked) and ``editable`` positions (decoded, non-prompt, inside the block; bool ``[B, L]``, disjoint
+    from ``eligible``). Unmask every eligible position ``> threshold``, at least the most confident one,
+    and rewrite every editable position whose token differs from ``x`` with ``confidence >
+    edit_threshold``. The loop bounds the steps after the block is full (docs/recipes.md)."""
+    token, score, _ = _scored(logits, eligible | editable, False, temperature=temperature, **options)
+    unmask, _ = select_unmask(score, eligible, policy="threshold", threshold=threshold, min_per_row=1)
+    edit = editable & ~eligible & (token != x) & (score.double() > edit_threshold)
+    selected = unmask | edit
+    x.copy_(torch.where(selected, token, x))
+    return Step(x, selected, selected.sum(-1, dtype=torch.int32), token, score)
+
+
+@dataclasses.dataclass
+class CCDState:
+    """Coherent Contextual Decoding's state per row, on the device: steps taken, the verification buffer's
+    size ``n_v``, the argmax of every position at the previous step and the buffer's positions. Make one
+    with ``ccd_state(x)`` when a generation starts; the step updates it in place."""
+
+    step: torch.Tensor  # int64 [B]
+    buffer_size: torch.Tensor  # int64 [B]
+    previous_token: torch.Tensor  # int64 [B, L]
+    buffer: torch.Tensor  # bool [B, L]
+
+
+def ccd_state(x: torch.Tensor) -> CCDState:
+    """A fresh ``CCDState`` for the sequences ``x`` (int64 ``[B, L]``)."""
+    rows = x.shape[0]
+    return CCDState(
+        step=torch.zeros(rows, dtype=torch.int64, device=x.device),
+        buffer_size=torch.ones(rows, dtype=torch.int64, device=x.device),
+        previous_token=torch.full_like(x, -1),
+        buffer=torch.zeros(x.shape, dtype=torch.bool, device=x.device),
+    )
+
+
+def _first_in_order(chosen, order, n):
+    """The first ``n[b]`` positions of ``chosen`` (bool ``[B, L]``) in the ranking ``order``."""
+    in_order = chosen.gather(1, order)
+    keep = in_order & (in_order.cumsum(-1) <= n[:, None])
+    return torch.zeros_like(chosen).scatter(1, order, keep)
+
+
+def ccd(
+    logits,
+    x,
+    eligible,
+    *,
+    k,
+    state,
+    gen_length,
+    steps,
+    expand_ratio=4.0,
+    warmup=5,
+    seek_mode=True,
+    **options,
+):
+    """CCD, Coherent Contextual Decoding (released Dream code, ``_sample_inference_lookahead``): logits
+    shifted by one; score ``sum p log p``; ``k[b]`` tokens a step (upstream ``int(gen_length / steps)``).
+    From step ``warmup`` until the last of ``steps``, accept the current top-``n_v`` positions that were in
+    the previous step's buffer and whose argmax did not change, when at least ``k`` do and a top-``k``
+    position was buffered; else commit the top ``k``. ``n_v`` grows by one a step up to ``k + int(k *
+    expand_ratio)`` (1 during the warm-up, 2 once at most a tenth of ``gen_length`` is masked). ``state``
+    from ``ccd_state``."""
+    token, score = _unshift(*_scored(logits, eligible, True, score="neg_entropy", **options)[:2])
+    i, k = state.step, k.long()
+    n_mask = eligible.sum(-1)
+    n_v = torch.where(n_mask <= 0.1 * gen_length, 1, state.buffer_size)
+    n_v = torch.where((i < warmup - 1) | (i == 0), 1, torch.minimum(n_v + 1, k + (k * expand_ratio).long()))
+    n_d = 2 * n_v
+
+    # One ranking serves every top-n below: score descending, lower position first, scored positions only.
+    selectable = eligible & (score > -math.inf)
+    order = torch.sort(
+        torch.where(selectable, score, -math.inf), dim=-1, descending=True, stable=True
+    ).indices
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    rank = torch.where(selectable, rank, x.shape[1])
+    top_k = rank < k[:, None]
+
+    verify = (i >= warmup) & (i < steps - 1)
+    buffered = state.buffer
+    agree = (rank < n_v[:, None]) & buffered & (token == state.previous_token)
+    n_agree = agree.sum(-1)
+    accept = verify & (top_k & buffered).any(-1) & (n_agree >= k)
+    accepted = agree if seek_mode else _first_in_order(agree, order, k)
+    selected = torch.where(accept[:, None], accepted, top_k)
+
+    # The next buffer: after a fallback the n_v positions ranked after the top k; after an acceptance the
+    # best of the top n_d + m that were not accepted; during the warm-up as after a fallback.
+    left = (eligible & ~selected).sum(-1)
+    after_top_k = (rank >= k[:, None]) & (rank < (k + torch.minimum(n_v, n_mask - k))[:, None])
+    pool_size = torch.minimum(n_d + n_agree, n_mask)
+    pool_take = torch.where(n_d + n_agree > n_mask, torch.minimum(n_v, left), n_v)
+    after_accept = _first_in_order((rank < pool_size[:, None]) & ~agree, order, pool_take)
+    warming = (i == warmup - 1) | (i == warmup - 2)
+    rebuilt = torch.where((verify & accept)[:, None], after_accept, after_top_k)
+    rebuild = (verify & torch.where(accept, left > 0, n_mask > k)) | (~verify & warming)
+    state.buffer.copy_(torch.where(rebuild[:, None], rebuilt, buffered))
+    state.previous_token.copy_(torch.where((i >= warmup - 1)[:, None], token, state.previous_token))
+    state.buffer_size.copy_(n_v)
+    state.step.add_(1)
+
+    x.copy_(torch.where(selected, token, x))
+    return Step(x, selected, selected.sum(-1, dtype=torch.int32), token, score)
+
+
 RECIPES = {
     "llada": llada,
     "fast_dllm": fast_dllm,
@@ -219,29 +436,40 @@ RECIPES = {
     "sdar": sdar,
     "dparallel": dparallel,
     "prophet": prophet,
+    "local_leap": local_leap,
+    "hierarchy": hierarchy,
+    "credit": credit,
+    "joint_threshold": joint_threshold,
+    "ccd": ccd,
 }
 
 
 # Recipes whose position j is predicted by the logits of position j - 1 (their step shifts the logits).
-SHIFTED_RECIPES = ("fast_dllm_v2", "dream")
+SHIFTED_RECIPES = ("fast_dllm_v2", "dream", "ccd")
 
 # Options every recipe passes through to logits_to_confidence (group and vocab_start: tensor-parallel).
 _PASS_THROUGH = ("banned", "seed", "offset", "group", "vocab_start")
 
 
+# Options decode_step itself takes for every recipe: Learn2PD's end-of-text stop (end_of_text).
+_STOP_OPTIONS = ("eot_id", "length")
+
+
 def _recipe_options(recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(every option name, the required ones) of a recipe function."""
-    keyword = [
-        p for p in inspect.signature(recipe).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+    """(every option name, the required ones) of a recipe function; a recipe built on logits_to_confidence
+    (it takes ``**options``) also passes _PASS_THROUGH on."""
+    parameters = inspect.signature(recipe).parameters.values()
+    keyword = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
     required = tuple(p.name for p in keyword if p.default is inspect.Parameter.empty)
-    return (*(p.name for p in keyword), *_PASS_THROUGH), required
+    passed = _PASS_THROUGH if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) else ()
+    return (*(p.name for p in keyword), *passed, *_STOP_OPTIONS), required
 
 
 # Read once: a step checks its options against these, and a signature costs tens of microseconds.
 _OPTIONS = {name: _recipe_options(recipe) for name, recipe in RECIPES.items()}
 _TEMPERATURE = {
-    name: inspect.signature(recipe).parameters["temperature"].default for name, recipe in RECIPES.items()
+    name: getattr(inspect.signature(recipe).parameters.get("temperature"), "default", 0.0)
+    for name, recipe in RECIPES.items()
 }
 
 
@@ -264,10 +492,55 @@ def draws_random(recipe: str, **options) -> bool:
     return options.get("temperature", _TEMPERATURE[recipe]) > 0 or options.get("remasking") == "random"
 
 
+def end_of_text(x, token, score, eligible, selected, *, eot_id: int, length: torch.Tensor) -> torch.Tensor:
+    """Learn2PD's End-of-Text Prediction as a per-row stop, in place and without a host sync.
+
+    A row stops at ``p``: its leftmost position committed this step (``selected``) as ``eot_id``, else its
+    eligible position predicted as ``eot_id`` with the highest ``score`` (lowest position on ties), else
+    nowhere. Every position after ``p`` becomes ``eot_id`` (upstream cuts the sequence there; ``p`` itself
+    keeps what it holds) and ``length[b]`` (int ``[B]``, the row's valid length, ``L`` at the start) drops
+    to ``p + 1`` if that is shorter. Returns ``length``."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    committed = selected & (token == eot_id)
+    predicted = eligible & (token == eot_id)
+    best = torch.where(predicted, score, -math.inf).argmax(-1)  # NaN never predicts: its token is -1
+    first = torch.where(committed, positions, x.shape[1]).amin(-1)
+    stop = torch.where(committed.any(-1), first, torch.where(predicted.any(-1), best, x.shape[1]))
+    x.masked_fill_(positions > stop[:, None], eot_id)
+    length.copy_(torch.minimum(length, (stop + 1).to(length.dtype)))
+    return length
+
+
+def jacobi_accept(
+    logits: torch.Tensor, draft: torch.Tensor, start: torch.Tensor, *, eos_id: int | None = None
+):
+    """Jacobi Forcing's greedy prefix acceptance of the drafts ``draft`` (int64 ``[B, n]``, column 0 the
+    last committed token, at position ``start[b]``), verified by causal ``logits[:, i]`` (``[B, >= n - 1,
+    V]``) predicting ``draft[:, i + 1]``.
+
+    Returns ``(accepted, kv_len, eos, token)``: ``accepted`` int64 ``[B]`` = 1 + the longest prefix of
+    ``draft[:, 1:]`` equal to the argmax ``token`` (int64 ``[B, n - 1]``), cut just after the first
+    ``eos_id`` in it (``eos`` bool ``[B]`` says so); ``kv_len`` int32 ``[B]`` = ``start + accepted``, the
+    valid length of each row's KV cache for ``block_attention`` (the rejected tail is dropped by reading
+    no further). ``token[b, accepted[b] - 1]`` (when ``accepted < n``) is the next token to draft from."""
+    n = draft.shape[1]
+    token, _ = logits_to_confidence(logits[:, : n - 1])
+    matched = (draft[:, 1:] == token).long().cumprod(-1).sum(-1)
+    accepted = matched + 1
+    if eos_id is None:
+        eos = torch.zeros_like(accepted, dtype=torch.bool)
+    else:
+        is_eos = (draft[:, 1:] == eos_id) & (torch.arange(n - 1, device=draft.device) < matched[:, None])
+        eos = is_eos.any(-1)
+        accepted = torch.where(eos, is_eos.int().argmax(-1) + 2, accepted)
+    return accepted, (start + accepted).to(torch.int32), eos, token
+
+
 def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *, recipe: str, **options):
     """One decode step of ``recipe`` (one of ``RECIPES``): returns ``(x, selected, count)``, ``x`` updated
     in place. ``options`` are the recipe's keyword arguments (see each recipe's docstring) plus
-    ``banned``, ``seed`` and ``offset`` for ``logits_to_confidence``.
+    ``banned``, ``seed`` and ``offset`` for ``logits_to_confidence``, and for every recipe the end-of-text
+    stop: ``eot_id`` and ``length`` (``end_of_text`` after the step).
 
     Tensor-parallel: with ``vocab_start`` (and ``group``, default the whole world) ``logits`` is this rank's
     vocabulary shard (``dllm_kernels.distributed``); every rank passes the same ``x`` and ``eligible`` and
@@ -283,4 +556,10 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     missing = [name for name in required if name not in options]
     if missing:
         raise TypeError(f"dllm::decode_step: recipe {recipe!r} needs {', '.join(missing)}; got none")
-    return RECIPES[recipe](logits, x, eligible, **options)
+    eot_id, length = options.pop("eot_id", None), options.pop("length", None)
+    if (eot_id is None) != (length is None):
+        raise TypeError("dllm::decode_step: eot_id and length go together (the end-of-text stop); got one")
+    step = RECIPES[recipe](logits, x, eligible, **options)
+    if eot_id is not None:
+        end_of_text(x, step.token, step.score, eligible, step.selected, eot_id=eot_id, length=length)
+    return step.x, step.selected, step.count

@@ -517,6 +517,9 @@ class LibraryGeneration:
         self.row_start, self.block_start = torch.zeros(n_rows, **int32), torch.zeros(n_rows, **int32)
         self.k = torch.zeros(n_rows, dtype=torch.int64, device=device)
         self.finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        if recipe == "credit":  # CreditDecoding's state: the block's credit slots, reset per block
+            self.credit = dllm_kernels.credit_state((n_rows, block_length), device=device)
+            self.options = dict(options, credit=self.credit, mask_id=model.config.mask_id)
         self.block_index = 0
         self.compiled = compile is not None
         self._step = torch.compile(self.step, fullgraph=True, backend=compile) if self.compiled else self.step
@@ -551,6 +554,9 @@ class LibraryGeneration:
     def set_block(self, index: int):
         self.block_index = index
         self.block_start.copy_(self.prompt_len + index * self.block_length)
+        if self.recipe == "credit":
+            self.credit[0].fill_(-1)
+            self.credit[1].zero_()
 
     def window(self, full: bool) -> tuple[torch.Tensor, int]:
         """``(q_start, width)`` of a step's queries: the whole row, or the cache scheme's window (the
@@ -581,10 +587,10 @@ class LibraryGeneration:
         x_block = self.x.gather(1, decided)
         eligible = x_block == self.model.config.mask_id
         k = {"k": self.k} if self.fixed_steps else {}
+        if self.sampling:
+            k["offset"] = offset
         # replaces get_transfer_index: the fp64 [B, L, V] softmax and the per-row topk loop with host syncs
-        dllm_kernels.decode_step(
-            logits, x_block, eligible, recipe=self.recipe, offset=offset, **k, **self.options
-        )
+        dllm_kernels.decode_step(logits, x_block, eligible, recipe=self.recipe, **k, **self.options)
         self.x.scatter_(1, decided, x_block)
 
     def step(self, full: bool, offset: int):

@@ -352,16 +352,3 @@ def test_bad_options(recipe, options, exc, fragment):
     message = str(info.value)
     assert message.startswith("dllm::decode_step: ") and fragment in message, message
     assert torch.equal(x, before), "x written on error"
-
-
-@pytest.mark.parametrize("recipe", dllm_kernels.RECIPES)
-def test_shifted_recipes_are_the_ones_that_never_select_position_0(recipe):
-    """decode.SHIFTED_RECIPES (what a generation loop reads to place its window) names exactly the recipes
-    whose step shifts the logits: with only position 0 eligible, they select nothing and the others it."""
-    logits, x = torch.randn(1, 4, V), torch.full((1, 4), MASK)
-    eligible = torch.tensor([[True, False, False, False]])
-    options = {"k": torch.tensor([1])} if dllm_kernels.decode.requires_k(recipe) else {}
-    if recipe == "prophet":
-        options.update(mask_id=MASK, gap_threshold=math.inf)
-    _, selected, _ = dllm_kernels.decode_step(logits, x, eligible, recipe=recipe, **options)
-    assert bool(selected[0, 0]) == (recipe not in dllm_kernels.decode.SHIFTED_RECIPES)

@@ -284,7 +284,9 @@ def test_cuda_step_never_syncs_and_replays_exactly():
         assert torch.equal(graphed.generate(prompt, attention_mask), eager)
 
 
-@pytest.mark.parametrize("recipe", ["dream", "fast_dllm_v2", "sdar", "dparallel", "prophet"])
+@pytest.mark.parametrize(
+    "recipe", ["dream", "fast_dllm_v2", "sdar", "dparallel", "prophet", "local_leap", "hierarchy", "credit"]
+)
 @pytest.mark.parametrize("cache", bd.CACHES)
 def test_every_recipe_completes_a_generation(recipe, cache):
     """The recipes the framework loop does not transcribe: every block is decided, the prompt is kept, and a
