@@ -27,13 +27,15 @@ SCHEMAS = {
         "-> (Tensor token, Tensor score)"
     ),
     "credit_confidence": (
-        "credit_confidence(Tensor logits, Tensor eligible, Tensor(a!) credit_token, Tensor(b!) credit_value, *, "
-        "float alpha=0.7, float beta=0.8, float gamma=0.2, Tensor? banned=None) -> (Tensor token, Tensor score)"
+        "credit_confidence(Tensor logits, Tensor eligible, Tensor(a!) credit_token, "
+        "Tensor(b!) credit_value, *, float alpha=0.7, float beta=0.8, float gamma=0.2, "
+        "Tensor? banned=None) -> (Tensor token, Tensor score)"
     ),
     "select_unmask": (
         'select_unmask(Tensor score, Tensor eligible, *, str policy="topk", Tensor? k=None, '
         "float threshold=0.9, bool inclusive=False, float factor=1.0, int min_per_row=1, "
-        "float low_threshold=0.0, int radius=0, float margin=0.0, Tensor? token=None, Tensor(a!)? x=None) -> (Tensor selected, Tensor count)"
+        "float low_threshold=0.0, int radius=0, float margin=0.0, Tensor? token=None, Tensor(a!)? x=None) "
+        "-> (Tensor selected, Tensor count)"
     ),
     "block_attention": (
         "block_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor q_start, Tensor kv_len, *, "
