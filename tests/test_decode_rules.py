@@ -112,6 +112,8 @@ def alternating_logits(steps, swap=0.05):
 def test_credit_follows_dense_credit_over_a_block(backend, dtype):
     """Eight steps of a block against dInfer's dense [B, L, V] credit: the same tokens every step (slots
     enough for every raw argmax a position sees), and credit changes some fused argmax."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter takes 25 s a block and computes in fp32: it runs fp32 only")
     x, eligible = masked_block()
     state = dllm_kernels.credit_state((B, L), slots=8)
     dense, want = upstream.DenseCredit(), x.clone()
@@ -167,6 +169,8 @@ def test_ccd_follows_the_batch_1_loop(backend, seek_mode):
     """A whole CCD generation (Dream-style, no blocks) of B rows with different masks, against the batch-1
     loop per row: the same tokens after every step, and steps that commit the verified buffer (more than k
     of them with seek_mode)."""
+    if backend == "triton" and not seek_mode:
+        pytest.skip("the Triton interpreter takes 30 s a generation: it runs seek_mode only")
     steps = 24
     x, _ = masked_block(block=(6, L), masked_share=1.0)
     gen_length = L - 6
