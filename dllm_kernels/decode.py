@@ -83,6 +83,19 @@ def _step(logits, x, eligible, *, shift=False, **options):
     return Step(x, selected, count, token, score)
 
 
+def _check_state(option: str, value, expected: str, ok: bool):
+    """A tensor option a recipe keeps between steps (its state, a mask, a length), checked before writing."""
+    if not ok:
+        got = (
+            f"{type(value).__name__} of shape {list(value.shape)}" if torch.is_tensor(value) else repr(value)
+        )
+        raise TypeError(f"dllm::decode_step: {option} must be {expected}; got {got}")
+
+
+def _is_matrix(t, x, dtype) -> bool:
+    return torch.is_tensor(t) and t.dtype == dtype and t.shape == x.shape and t.device == x.device
+
+
 def _choice(option, value, choices: dict):
     if value not in choices:
         raise ValueError(
@@ -299,6 +312,12 @@ def credit(
     commits the eligible positions whose token is not ``mask_id`` with ``score >= min(threshold,
     best - margin)`` (``near_best``): everything at or above the threshold, else the best and its near
     ties."""
+    _check_state(
+        "credit",
+        credit,
+        "the (credit_token, credit_value) pair of credit_state",
+        isinstance(credit, tuple) and len(credit) == 2,
+    )
     token, score = credit_confidence(
         logits, eligible, *credit, alpha=alpha, beta=beta, gamma=gamma, banned=banned
     )
@@ -325,6 +344,7 @@ def joint_threshold(
     from ``eligible``). Unmask every eligible position ``> threshold``, at least the most confident one,
     and rewrite every editable position whose token differs from ``x`` with ``confidence >
     edit_threshold``. The loop bounds the steps after the block is full (docs/recipes.md)."""
+    _check_state("editable", editable, "bool [B, L] on x's device", _is_matrix(editable, x, torch.bool))
     token, score, _ = _scored(logits, eligible | editable, False, temperature=temperature, **options)
     unmask, _ = select_unmask(score, eligible, policy="threshold", threshold=threshold, min_per_row=1)
     edit = editable & ~eligible & (token != x) & (score.double() > edit_threshold)
@@ -384,6 +404,12 @@ def ccd(
     position was buffered; else commit the top ``k``. ``n_v`` grows by one a step up to ``k + int(k *
     expand_ratio)`` (1 during the warm-up, 2 once at most a tenth of ``gen_length`` is masked). ``state``
     from ``ccd_state``."""
+    _check_state(
+        "state",
+        state,
+        "the CCDState of ccd_state(x)",
+        isinstance(state, CCDState) and _is_matrix(state.buffer, x, torch.bool),
+    )
     token, score = _unshift(*_scored(logits, eligible, True, score="neg_entropy", **options)[:2])
     i, k = state.step, k.long()
     n_mask = eligible.sum(-1)
@@ -559,6 +585,17 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     eot_id, length = options.pop("eot_id", None), options.pop("length", None)
     if (eot_id is None) != (length is None):
         raise TypeError("dllm::decode_step: eot_id and length go together (the end-of-text stop); got one")
+    if length is not None:
+        _check_state(
+            "length",
+            length,
+            "an integer [B] tensor on x's device",
+            torch.is_tensor(length)
+            and not length.is_floating_point()
+            and length.dtype != torch.bool
+            and length.shape == x.shape[:1]
+            and length.device == x.device,
+        )
     step = RECIPES[recipe](logits, x, eligible, **options)
     if eot_id is not None:
         end_of_text(x, step.token, step.score, eligible, step.selected, eot_id=eot_id, length=length)

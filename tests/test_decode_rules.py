@@ -306,6 +306,10 @@ def test_compiled_step_is_the_eager_step(recipe):
         ("fast_dllm", dict(eot_id=3), "eot_id and length go together"),
         ("joint_threshold", {}, "needs editable"),
         ("ccd", dict(k=None, state=None), "needs gen_length, steps"),
+        ("credit", dict(credit=torch.zeros(B, L, 8), mask_id=MASK), "credit must be the (credit_token"),
+        ("joint_threshold", dict(editable=torch.ones(B, L + 1, dtype=torch.bool)), "editable must be bool"),
+        ("ccd", dict(k=None, state=None, gen_length=L, steps=8), "state must be the CCDState"),
+        ("fast_dllm", dict(eot_id=3, length=torch.full((B,), 4.0)), "length must be an integer [B]"),
     ],
 )
 def test_bad_options(recipe, options, fragment):
