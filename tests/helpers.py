@@ -36,6 +36,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", re
     )
 
 
+def edge_logit_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Rows 0-4 of ``logits [>= 5, >= 21]`` made the edge cases every logits reader handles, in place: a NaN,
+    a +inf, every logit -inf, a banned only finite logit, a NaN at a banned id. Returns the banned ids."""
+    logits[0, 11] = math.nan
+    logits[1, 20] = math.inf
+    logits[2] = -math.inf
+    logits[3, :] = -math.inf
+    logits[3, 3] = 4.0  # the only finite logit is banned
+    logits[4, 5] = math.nan  # a NaN at a banned id is never seen
+    return torch.tensor([3, 5], device=logits.device)
+
+
 def python(code: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
     """Runs code (dedented) in a fresh interpreter with env added, output captured, bounded in time."""
     return subprocess.run(

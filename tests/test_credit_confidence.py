@@ -9,6 +9,7 @@ from helpers import (
     DEVICES,
     KERNEL_BACKENDS,
     assert_close,
+    edge_logit_rows,
     emulation_suite,
     run_cuda_emulation,
     run_emulated_cases_on_gpu,
@@ -260,13 +261,7 @@ def test_edge_rows(backend, device, dtype):
     (-1, -inf): none of them gets credit, all decay."""
     vocab, beta = 37, 0.75
     logits = random_logits((7, vocab), dtype, device)
-    banned = torch.tensor([3, 5], device=device)
-    logits[0, 11] = math.nan
-    logits[1, 20] = math.inf
-    logits[2] = -math.inf
-    logits[3, :] = -math.inf
-    logits[3, 3] = 4.0  # the only finite logit is banned
-    logits[4, 5] = math.nan  # a NaN at a banned id is never seen
+    banned = edge_logit_rows(logits)
     logits[5] = math.nan  # ineligible: not read
     eligible = torch.tensor([True] * 5 + [False, True], device=device)
     first = torch.tensor(

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS, assert_close, assert_mostly_equal, python
+from helpers import DEVICES, KERNEL_BACKENDS, assert_close, assert_mostly_equal, edge_logit_rows, python
 
 import dllm_kernels
 from dllm_kernels import use_backend
@@ -77,13 +77,7 @@ def test_matches_reference(backend, device, dtype, shape, score):
 def test_edge_rows(backend, device, dtype):
     vocab = 37
     logits = random_logits((7, vocab), dtype, device)
-    banned = torch.tensor([3, 5], device=device)
-    logits[0, 11] = math.nan
-    logits[1, 20] = math.inf
-    logits[2] = -math.inf
-    logits[3, :] = -math.inf
-    logits[3, 3] = 4.0  # the only finite logit is banned
-    logits[4, 5] = math.nan  # a NaN at a banned id is never seen
+    banned = edge_logit_rows(logits)
     logits[5, ::2] = -math.inf
     logits[6, 30] = logits[6, 9] = logits[6].max() + 1  # tie: the lower index wins
     for score in SCORES:

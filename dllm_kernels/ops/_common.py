@@ -133,22 +133,24 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
 
 
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two real tensors of one dtype may address a common element. Exact for views with equal
-    shapes and strides (a fused KV buffer's K and V halves), conservative (byte ranges) otherwise."""
+    """Whether two real tensors may address a common byte. Exact for views of one dtype with equal shapes
+    and strides (a fused KV buffer's K and V halves), conservative (byte ranges) otherwise."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
 
     def extent(t):
+        """[first, last] byte of t's storage that t may address."""
         low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(), strict=True))
         high = sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(), strict=True))
-        return t.storage_offset() + low, t.storage_offset() + high
+        size = t.element_size()
+        return (t.storage_offset() + low) * size, (t.storage_offset() + high + 1) * size - 1
 
     (a_low, a_high), (b_low, b_high) = extent(a), extent(b)
     if a_high < b_low or b_high < a_low:
         return False
-    if a.shape != b.shape or a.stride() != b.stride():
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
         return True
     dims = sorted(((abs(st), n) for n, st in zip(a.shape, a.stride(), strict=True) if n > 1), reverse=True)
 

@@ -1,13 +1,13 @@
 """``dllm::attention_mass``: each key's attention mass (Elastic-Cache). docs/ops.md#attention_mass."""
 
-import math
 
 import torch
 
 from .. import _extension
-from .._backends import DEBUG_CHECKS, define_op
+from .._backends import define_op
 from ..reference import attention_mass as reference
-from ._common import FLOAT_DTYPES, OpError, describe, op_call
+from ._common import OpError, op_call
+from .block_attention import check_attention, check_positions
 
 OP = "attention_mass"
 _err = OpError(OP)
@@ -51,40 +51,16 @@ def attention_mass(
     return _call(q, k_cache, lse, q_start, kv_len, query_mask, key_mask, block_size, scale)
 
 
-def _tensor4(name, t):
-    _err.tensor(name, t)
-    if t.dim() != 4:
-        _err(f"{name} must be a 4-dim tensor; got {describe(t)}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        _err(f"{name} must be contiguous along D (stride(-1) == 1); got strides {list(t.stride())}")
-
-
 def checked_args(
     q, k_cache, lse, q_start, kv_len, *, query_mask=None, key_mask=None, block_size=0, scale=None
 ):
     """The schema's arguments, checked before anything is computed, in schema order."""
-    _tensor4("q", q)
-    _err.dtype("q", q, FLOAT_DTYPES)
-    n_rows, n_queries, n_heads, head_dim = q.shape
-    _tensor4("k_cache", k_cache)
-    _err.same_dtype("k_cache", k_cache, "q", q)
-    _err.same_device("k_cache", k_cache, "q", q)
-    s_max, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[0] != n_rows:
-        _err(f"k_cache must have q's batch size {n_rows}; got {k_cache.shape[0]}")
-    if k_cache.shape[3] != head_dim:
-        _err(f"k_cache must have q's head dim {head_dim}; got {k_cache.shape[3]}")
-    if n_heads == 0 or n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        _err(f"Hq must be a positive multiple of Hkv >= 1; got Hq = {n_heads}, Hkv = {n_kv_heads}")
-    if head_dim == 0:
-        _err(f"the head dim D must be >= 1; got q of shape {list(q.shape)}")
+    check_attention(_err, q, k_cache, q_start, kv_len, block_size, scale)
+    n_rows, n_queries, n_heads, _ = q.shape
+    s_max = k_cache.shape[1]
     _err.dtype("lse", lse, (torch.float32,))
     _err.shape("lse", lse, (n_rows, n_heads, n_queries), " ([B, Hq, Sq])")
     _err.same_device("lse", lse, "q", q)
-    for name, t in (("q_start", q_start), ("kv_len", kv_len)):
-        _err.dtype(name, t, (torch.int32,))
-        _err.shape(name, t, (n_rows,), " ([B])")
-        _err.same_device(name, t, "q", q)
     for name, t, shape, what in (
         ("query_mask", query_mask, (n_rows, n_queries), " ([B, Sq])"),
         ("key_mask", key_mask, (n_rows, s_max), " ([B, S_max])"),
@@ -93,27 +69,12 @@ def checked_args(
             _err.dtype(name, t, (torch.bool,))
             _err.shape(name, t, shape, what)
             _err.same_device(name, t, "q", q)
-    if block_size < 0:
-        _err(f"block_size must be >= 0; got {block_size}", ValueError)
-    if scale is not None and not math.isfinite(scale):
-        _err(f"scale must be finite; got {scale}", ValueError)
     return q, k_cache, lse, q_start, kv_len, query_mask, key_mask, block_size, scale
 
 
 def _prepare(q, k_cache, lse, q_start, kv_len, *options):
-    """The values of q_start / kv_len: free on CPU, a host sync on a GPU (so there only with
-    DLLM_DEBUG_CHECKS=1)."""
-    arguments = (q, k_cache, lse, q_start, kv_len, *options)
-    if q.shape[0] == 0 or not (q.device.type == "cpu" or DEBUG_CHECKS):
-        return arguments
-    s_max = k_cache.shape[1]
-    if int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max:
-        _err(
-            f"q_start must be >= 0 and kv_len in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
-            f"kv_len = {kv_len.tolist()}",
-            ValueError,
-        )
-    return arguments
+    check_positions(_err, q, k_cache, q_start, kv_len)
+    return (q, k_cache, lse, q_start, kv_len, *options)
 
 
 def _fake(q, k_cache, *args):

@@ -49,12 +49,53 @@ def block_attention(
     return _call(q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse)
 
 
-def _tensor4(name, t):
-    _err.tensor(name, t)
+def _tensor4(err, name, t):
+    err.tensor(name, t)
     if t.dim() != 4:
-        _err(f"{name} must be a 4-dim tensor; got {describe(t)}")
+        err(f"{name} must be a 4-dim tensor; got {describe(t)}")
     if t.stride(-1) != 1 and t.shape[-1] > 1:
-        _err(f"{name} must be contiguous along D (stride(-1) == 1); got strides {list(t.stride())}")
+        err(f"{name} must be contiguous along D (stride(-1) == 1); got strides {list(t.stride())}")
+
+
+def check_attention(err, q, k_cache, q_start, kv_len, block_size, scale):
+    """What every op reading block_attention's queries and keys checks (errors through ``err``)."""
+    _tensor4(err, "q", q)
+    err.dtype("q", q, FLOAT_DTYPES)
+    n_rows, _, n_heads, head_dim = q.shape
+    _tensor4(err, "k_cache", k_cache)
+    err.same_dtype("k_cache", k_cache, "q", q)
+    err.same_device("k_cache", k_cache, "q", q)
+    n_kv_heads = k_cache.shape[2]
+    if k_cache.shape[0] != n_rows:
+        err(f"k_cache must have q's batch size {n_rows}; got {k_cache.shape[0]}")
+    if k_cache.shape[3] != head_dim:
+        err(f"k_cache must have q's head dim {head_dim}; got {k_cache.shape[3]}")
+    if n_heads == 0 or n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        err(f"Hq must be a positive multiple of Hkv >= 1; got Hq = {n_heads}, Hkv = {n_kv_heads}")
+    if head_dim == 0:
+        err(f"the head dim D must be >= 1; got q of shape {list(q.shape)}")
+    for name, t in (("q_start", q_start), ("kv_len", kv_len)):
+        err.dtype(name, t, (torch.int32,))
+        err.shape(name, t, (n_rows,), " ([B])")
+        err.same_device(name, t, "q", q)
+    if block_size < 0:
+        err(f"block_size must be >= 0; got {block_size}", ValueError)
+    if scale is not None and not math.isfinite(scale):
+        err(f"scale must be finite; got {scale}", ValueError)
+
+
+def check_positions(err, q, k_cache, q_start, kv_len):
+    """The values of q_start / kv_len (free on CPU, a host sync on a GPU: there only with
+    DLLM_DEBUG_CHECKS=1)."""
+    if q.shape[0] == 0 or not (q.device.type == "cpu" or DEBUG_CHECKS):
+        return
+    s_max = k_cache.shape[1]
+    if int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max:
+        err(
+            f"q_start must be >= 0 and kv_len in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
+            f"kv_len = {kv_len.tolist()}",
+            ValueError,
+        )
 
 
 def checked_args(
@@ -71,44 +112,25 @@ def checked_args(
     return_lse=False,
 ):
     """The schema's arguments, checked before anything is written, in schema order."""
-    _tensor4("q", q)
-    _err.dtype("q", q, FLOAT_DTYPES)
-    n_rows, n_queries, n_heads, head_dim = q.shape
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _tensor4(name, t)
-        _err.same_dtype(name, t, "q", q)
-        _err.same_device(name, t, "q", q)
+    check_attention(_err, q, k_cache, q_start, kv_len, block_size, scale)
+    n_rows, n_queries, _, head_dim = q.shape
+    _tensor4(_err, "v_cache", v_cache)
+    _err.same_dtype("v_cache", v_cache, "q", q)
+    _err.same_device("v_cache", v_cache, "q", q)
     if k_cache.shape != v_cache.shape:
         _err(f"v_cache must have k_cache's shape {list(k_cache.shape)}; got {list(v_cache.shape)}")
-    n_kv_heads = k_cache.shape[2]
-    if k_cache.shape[0] != n_rows:
-        _err(f"k_cache must have q's batch size {n_rows}; got {k_cache.shape[0]}")
-    if k_cache.shape[3] != head_dim:
-        _err(f"k_cache must have q's head dim {head_dim}; got {k_cache.shape[3]}")
-    if n_heads == 0 or n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        _err(f"Hq must be a positive multiple of Hkv >= 1; got Hq = {n_heads}, Hkv = {n_kv_heads}")
-    if head_dim == 0:
-        _err(f"the head dim D must be >= 1; got q of shape {list(q.shape)}")
-    for name, t in (("q_start", q_start), ("kv_len", kv_len)):
-        _err.dtype(name, t, (torch.int32,))
-        _err.shape(name, t, (n_rows,), " ([B])")
-        _err.same_device(name, t, "q", q)
     if (k_new is None) != (v_new is None):
         _err(
             "k_new and v_new go together; got only " + ("k_new" if k_new is not None else "v_new"), ValueError
         )
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
-            _tensor4(name, t)
+            _tensor4(_err, name, t)
             _err.same_dtype(name, t, "q", q)
-            _err.shape(name, t, (n_rows, n_queries, n_kv_heads, head_dim), " ([B, Sq, Hkv, D])")
+            _err.shape(name, t, (n_rows, n_queries, k_cache.shape[2], head_dim), " ([B, Sq, Hkv, D])")
             _err.same_device(name, t, "q", q)
         _err.no_internal_overlap("k_cache", k_cache)
         _err.no_internal_overlap("v_cache", v_cache)
-    if block_size < 0:
-        _err(f"block_size must be >= 0; got {block_size}", ValueError)
-    if scale is not None and not math.isfinite(scale):
-        _err(f"scale must be finite; got {scale}", ValueError)
     return q, k_cache, v_cache, q_start, kv_len, k_new, v_new, block_size, scale, return_lse
 
 
@@ -121,21 +143,16 @@ def _prepare(q, k_cache, v_cache, q_start, kv_len, k_new, *options):
             "k_cache and v_cache are written in place, so they must not share memory; got views that "
             f"overlap (strides {list(k_cache.stride())} and {list(v_cache.stride())})"
         )
-    if q.shape[0] == 0 or not (q.device.type == "cpu" or DEBUG_CHECKS):  # GPU kernels never write outside
-        return arguments
     s_max = k_cache.shape[1]
-    if k_new is not None and int((q_start.long() + q.shape[1]).max()) > s_max:
+    # GPU kernels never write outside the cache: the values are read there only under DLLM_DEBUG_CHECKS.
+    values_checked = q.shape[0] > 0 and (q.device.type == "cpu" or DEBUG_CHECKS)
+    if k_new is not None and values_checked and int((q_start.long() + q.shape[1]).max()) > s_max:
         _err(
             f"q_start + Sq must be <= S_max = {s_max} when writing; got q_start = {q_start.tolist()}, "
             f"Sq = {q.shape[1]}",
             ValueError,
         )
-    if int(q_start.min()) < 0 or int(kv_len.min()) < 0 or int(kv_len.max()) > s_max:
-        _err(
-            f"q_start must be >= 0 and kv_len in [0, S_max = {s_max}]; got q_start = {q_start.tolist()}, "
-            f"kv_len = {kv_len.tolist()}",
-            ValueError,
-        )
+    check_positions(_err, q, k_cache, q_start, kv_len)
     return arguments
 
 

@@ -8,7 +8,7 @@ import torch
 from .. import _extension
 from .._backends import DEBUG_CHECKS, define_op
 from ..reference import credit_confidence as reference
-from ._common import OpError, describe, op_call, rows_view
+from ._common import OpError, describe, may_overlap, op_call, rows_view
 from .logits_to_confidence import MAX_VOCAB, _check_rows
 
 OP = "credit_confidence"
@@ -121,28 +121,15 @@ def checked_args(
     return logits, eligible, credit_token, credit_value, alpha, beta, gamma, banned
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last + 1) bytes of t's storage that t may address."""
-    low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(), strict=True))
-    high = sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(), strict=True))
-    size = t.element_size()
-    return (t.storage_offset() + low) * size, (t.storage_offset() + high + 1) * size
-
-
 def _prepare(logits, eligible, credit_token, credit_value, *options):
     """Checks of real tensors, before anything is written: the two slot tensors share no byte of memory
     (conservative: their byte ranges); on CPU (free) or with DLLM_DEBUG_CHECKS (a sync on a GPU), every
     slot token is -1 or an id in [0, V)."""
-    if (
-        credit_token.numel()
-        and credit_token.untyped_storage().data_ptr() == credit_value.untyped_storage().data_ptr()
-    ):
-        (a_low, a_high), (b_low, b_high) = _byte_range(credit_token), _byte_range(credit_value)
-        if a_low < b_high and b_low < a_high:
-            _err(
-                "credit_token and credit_value are both written in place, so they must not share memory; "
-                f"got views of one storage at bytes [{a_low}, {a_high}) and [{b_low}, {b_high})"
-            )
+    if may_overlap(credit_token, credit_value):
+        _err(
+            "credit_token and credit_value are both written in place, so they must not share memory; got "
+            f"views of one storage (strides {list(credit_token.stride())} and {list(credit_value.stride())})"
+        )
     if credit_token.numel() and (credit_token.device.type == "cpu" or DEBUG_CHECKS):
         vocab = logits.shape[-1]
         bad = (credit_token < -1) | (credit_token >= vocab)
