@@ -1,6 +1,5 @@
 """``dllm::attention_mass``: each key's attention mass (Elastic-Cache). docs/ops.md#attention_mass."""
 
-
 import torch
 
 from .. import _extension
