@@ -205,6 +205,7 @@ def test_jacobi_accept():
     """Drafts that follow the greedy tokens for a random prefix, with EOS inside some of them."""
     n, eos = 9, 5
     logits = torch.randn(B + 4, n, V)
+    logits[..., eos] = -30  # EOS is greedy only where placed: rows 2 and 3 accept past their start
     greedy = logits.argmax(-1)
     draft = torch.randint(0, V, (B + 4, n))
     for b in range(B + 4):

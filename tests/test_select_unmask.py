@@ -4,7 +4,13 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, KERNEL_BACKENDS, run_cuda_emulation, run_emulated_cases_on_gpu
+from helpers import (
+    DEVICES,
+    KERNEL_BACKENDS,
+    run_cuda_emulation,
+    run_emulated_cases_on_gpu,
+    skip_rows_the_interpreter_repeats,
+)
 
 import dllm_kernels
 from dllm_kernels import schedules, use_backend
@@ -56,11 +62,20 @@ def random_scores(shape, device, ties=False):
     return score
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+def check_all_or_none_eligible(backend, shape, device, **kwargs):
+    """Every position eligible with a floor above the row length, then none eligible."""
+    all_in = torch.ones(shape, dtype=torch.bool, device=device)
+    k = torch.full((shape[0],), 5, device=device)
+    check(backend, torch.rand(shape, device=device), all_in, k=k, min_per_row=1000, **kwargs)
+    check(backend, torch.rand(shape, device=device), ~all_in, k=k, **kwargs)
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in NEW_POLICIES])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_matches_reference(backend, device, shape, policy):
+    """The count and threshold policies (the set rules have their own arguments: the test below)."""
     n_rows, length = shape
     for ties in (False, True):
         for min_per_row in (0, 1, 3):
@@ -84,22 +99,7 @@ def test_matches_reference(backend, device, shape, policy):
                 token=token,
                 x=x,
             )
-    all_in = torch.ones(shape, dtype=torch.bool, device=device)
-    check(
-        backend,
-        torch.rand(shape, device=device),
-        all_in,
-        policy=policy,
-        k=torch.full((n_rows,), 5, device=device),
-        min_per_row=1000,
-    )
-    check(
-        backend,
-        torch.rand(shape, device=device),
-        ~all_in,
-        policy=policy,
-        k=torch.full((n_rows,), 5, device=device),
-    )
+    check_all_or_none_eligible(backend, shape, device, policy=policy)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,6 +177,7 @@ def rule_inputs(shape, device, ties):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_new_policies_match_reference(backend, device, shape, policy):
     """Scores at the thresholds (inclusive and not), ties, radii past the row, every floor, the commit."""
+    skip_rows_the_interpreter_repeats(backend, device, shape[0])
     length = shape[1]
     radii, margins = (0, 1, 4, length + 3), (0.0, 1e-5, 0.1, -0.05)
     combos = [(t, c, m) for t in (False, True) for c in (False, True) for m in (0, 1, 3)]
@@ -198,6 +199,7 @@ def test_new_policies_match_reference(backend, device, shape, policy):
             token=torch.randint(0, 1000, shape, device=device),
             x=torch.full(shape, -7, device=device),
         )
+    check_all_or_none_eligible(backend, shape, device, policy=policy, threshold=THRESHOLD, low_threshold=LOW)
 
 
 def test_new_policies_by_hand():

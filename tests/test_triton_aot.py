@@ -301,9 +301,9 @@ def _compile(fn, types, constexprs, options):
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2)), kernel.metadata.shared, notes
 
 
-def _worker(path):
+def _worker(path, part, parts):
     rows = []
-    for fn, label, types, constexprs, options in _cases():
+    for fn, label, types, constexprs, options in _cases()[part::parts]:
         regs, spill, shared, notes = _compile(fn, types, constexprs, options)
         row = dict(kernel=fn.__name__, config=label, regs=regs, spill=spill, shared=shared, notes=notes)
         rows.append(row | options)
@@ -322,16 +322,35 @@ def _table(rows):
 
 
 def _compile_all(tmp):
+    """One worker per core, each compiling every parts-th case (the compiles are independent and
+    single-threaded); the rows come back in case order."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= dict(TRITON_CACHE_DIR=os.path.join(tmp, "cache"), TRITON_DUMP_PTXAS_LOG="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
-    path = os.path.join(tmp, "report.json")
-    result = subprocess.run(
-        [sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=_TIMEOUT_S
-    )
-    assert result.returncode == 0, f"AOT compile failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    with open(path) as f:
-        return json.load(f)
+    parts = max(1, min(4, len(os.sched_getaffinity(0))))
+    paths = [os.path.join(tmp, f"report{part}.json") for part in range(parts)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, path, str(part), str(parts)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for part, path in enumerate(paths)
+    ]
+    try:
+        outputs = [worker.communicate(timeout=_TIMEOUT_S) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, f"AOT compile failed:\n{out[-4000:]}\n{err[-8000:]}"
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    return [reports[i % parts][i // parts] for i in range(sum(map(len, reports)))]
 
 
 def test_every_kernel_compiles_for_sm90_without_spills(summary):
@@ -355,8 +374,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(summary):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 2:
-        _worker(sys.argv[1])
+    if len(sys.argv) == 4:
+        _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     else:  # python tests/test_triton_aot.py: compile everything and print the table
         with tempfile.TemporaryDirectory() as tmp:
             print(_table(_compile_all(tmp)))
