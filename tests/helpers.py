@@ -27,7 +27,7 @@ KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 
 # The Triton interpreter runs one program (a row) at a time, 10-40 ms each; past this many rows a case only
 # repeats rows it has run, and the launch grid is the GPU run's to test.
-INTERPRETER_MAX_ROWS = 19
+INTERPRETER_MAX_ROWS = 40
 
 
 def skip_rows_the_interpreter_repeats(backend: str, device: str, n_rows: int):
