@@ -112,8 +112,11 @@ def alternating_logits(steps, swap=0.05):
 def test_credit_follows_dense_credit_over_a_block(backend, dtype):
     """Eight steps of a block against dInfer's dense [B, L, V] credit: the same tokens every step (slots
     enough for every raw argmax a position sees), and credit changes some fused argmax."""
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter takes 25 s a block and computes in fp32: it runs fp32 only")
+    if backend == "triton":
+        pytest.skip(
+            "the Triton interpreter takes 20 s a block; test_credit_confidence runs its kernels over the same"
+            " 8 steps against the dense upstream, and the recipe around them is the other backends'"
+        )
     x, eligible = masked_block()
     state = dllm_kernels.credit_state((B, L), slots=8)
     dense, want = upstream.DenseCredit(), x.clone()
