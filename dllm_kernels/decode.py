@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import distributed
+from .ops._common import OpError, describe
 from .ops.credit_confidence import credit_confidence
 from .ops.logits_to_confidence import logits_to_confidence
 from .ops.select_unmask import select_unmask
@@ -94,6 +95,17 @@ def _check_state(option: str, value, expected: str, ok: bool):
 
 def _is_matrix(t, x, dtype) -> bool:
     return torch.is_tensor(t) and t.dtype == dtype and t.shape == x.shape and t.device == x.device
+
+
+def _is_row_counts(t, x) -> bool:
+    """An integer ``[B]`` tensor on x's device (a count or a length per row)."""
+    return (
+        torch.is_tensor(t)
+        and not t.is_floating_point()
+        and t.dtype != torch.bool
+        and t.shape == x.shape[:1]
+        and t.device == x.device
+    )
 
 
 def _choice(option, value, choices: dict):
@@ -410,6 +422,7 @@ def ccd(
         "the CCDState of ccd_state(x)",
         isinstance(state, CCDState) and _is_matrix(state.buffer, x, torch.bool),
     )
+    _check_state("k", k, "an integer [B] tensor on x's device", _is_row_counts(k, x))
     token, score = _unshift(*_scored(logits, eligible, True, score="neg_entropy", **options)[:2])
     i, k = state.step, k.long()
     n_mask = eligible.sum(-1)
@@ -537,6 +550,22 @@ def end_of_text(x, token, score, eligible, selected, *, eot_id: int, length: tor
     return length
 
 
+def _check_jacobi(logits, draft, start):
+    err = OpError("jacobi_accept")
+    err.dtype("draft", draft, (torch.int64,))
+    if draft.dim() != 2 or draft.shape[1] < 1:
+        err(f"draft must be [B, n] with n >= 1 (column 0 the last committed token); got {describe(draft)}")
+    err.tensor("logits", logits)
+    rows, n = draft.shape
+    if logits.dim() != 3 or logits.shape[0] != rows or logits.shape[1] < n - 1:
+        err(f"logits must be [{rows}, >= {n - 1}, V] (draft is [{rows}, {n}]); got {describe(logits)}")
+    err.tensor("start", start)
+    if start.shape != (rows,) or start.is_floating_point() or start.dtype == torch.bool:
+        err(f"start must be an integer [{rows}] tensor; got {start.dtype} {describe(start)}")
+    for name, t in (("logits", logits), ("start", start)):
+        err.same_device(name, t, "draft", draft)
+
+
 def jacobi_accept(
     logits: torch.Tensor, draft: torch.Tensor, start: torch.Tensor, *, eos_id: int | None = None
 ):
@@ -549,6 +578,7 @@ def jacobi_accept(
     ``eos_id`` in it (``eos`` bool ``[B]`` says so); ``kv_len`` int32 ``[B]`` = ``start + accepted``, the
     valid length of each row's KV cache for ``block_attention`` (the rejected tail is dropped by reading
     no further). ``token[b, accepted[b] - 1]`` (when ``accepted < n``) is the next token to draft from."""
+    _check_jacobi(logits, draft, start)
     n = draft.shape[1]
     token, _ = logits_to_confidence(logits[:, : n - 1])
     matched = (draft[:, 1:] == token).long().cumprod(-1).sum(-1)
@@ -586,16 +616,7 @@ def decode_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, *
     if (eot_id is None) != (length is None):
         raise TypeError("dllm::decode_step: eot_id and length go together (the end-of-text stop); got one")
     if length is not None:
-        _check_state(
-            "length",
-            length,
-            "an integer [B] tensor on x's device",
-            torch.is_tensor(length)
-            and not length.is_floating_point()
-            and length.dtype != torch.bool
-            and length.shape == x.shape[:1]
-            and length.device == x.device,
-        )
+        _check_state("length", length, "an integer [B] tensor on x's device", _is_row_counts(length, x))
     step = RECIPES[recipe](logits, x, eligible, **options)
     if eot_id is not None:
         end_of_text(x, step.token, step.score, eligible, step.selected, eot_id=eot_id, length=length)

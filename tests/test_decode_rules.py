@@ -314,6 +314,7 @@ def test_compiled_step_is_the_eager_step(recipe):
         ("joint_threshold", dict(editable=torch.ones(B, L + 1, dtype=torch.bool)), "editable must be bool"),
         ("ccd", dict(k=None, state=None, gen_length=L, steps=8), "state must be the CCDState"),
         ("fast_dllm", dict(eot_id=3, length=torch.full((B,), 4.0)), "length must be an integer [B]"),
+        ("ccd", dict(k=1, state=decode.ccd_state(torch.zeros(B, L)), gen_length=L, steps=8), "k must be"),
     ],
 )
 def test_bad_options(recipe, options, fragment):
@@ -323,6 +324,30 @@ def test_bad_options(recipe, options, fragment):
         dllm_kernels.decode_step(torch.randn(B, L, V), x, eligible, recipe=recipe, **options)
     assert str(info.value).startswith("dllm::decode_step: ") and fragment in str(info.value), str(info.value)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize(
+    "logits, draft, start, fragment",
+    [
+        (torch.randn(B, 8, V), torch.randint(0, V, (B, 9)).int(), torch.zeros(B), "draft must be int64"),
+        (
+            torch.randn(B, 8, V),
+            torch.randint(0, V, (B, 0)),
+            torch.zeros(B),
+            "draft must be [B, n] with n >= 1",
+        ),
+        (torch.randn(B, 7, V), torch.randint(0, V, (B, 9)), torch.zeros(B), f"logits must be [{B}, >= 8, V]"),
+        (torch.randn(B + 1, 8, V), torch.randint(0, V, (B, 9)), torch.zeros(B), "logits must be"),
+        (torch.randn(B, 8, V), torch.randint(0, V, (B, 9)), torch.zeros(B), "start must be an integer"),
+        (torch.randn(B, 8, V), torch.randint(0, V, (B, 9)), torch.zeros(B + 1).int(), "start must be"),
+    ],
+)
+def test_jacobi_accept_bad_input(logits, draft, start, fragment):
+    with pytest.raises((TypeError, RuntimeError)) as info:
+        decode.jacobi_accept(logits, draft, start)
+    assert str(info.value).startswith("dllm::jacobi_accept: ") and fragment in str(info.value), str(
+        info.value
+    )
 
 
 @pytest.mark.parametrize("recipe", dllm_kernels.RECIPES)
