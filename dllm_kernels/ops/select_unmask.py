@@ -157,16 +157,12 @@ def checked_args(
         _err.no_internal_overlap("x", x)
     if min_per_row < 0:
         _err(f"min_per_row must be >= 0; got {min_per_row}", ValueError)
-    if not math.isfinite(threshold):
-        _err(f"threshold must be finite; got {threshold}", ValueError)
-    if not math.isfinite(factor):
-        _err(f"factor must be finite; got {factor}", ValueError)
-    if not math.isfinite(low_threshold):
-        _err(f"low_threshold must be finite; got {low_threshold}", ValueError)
+    finite = dict(threshold=threshold, factor=factor, low_threshold=low_threshold, margin=margin)
+    for name, value in finite.items():
+        if not math.isfinite(value):
+            _err(f"{name} must be finite; got {value}", ValueError)
     if radius < 0:
         _err(f"radius must be >= 0; got {radius}", ValueError)
-    if not math.isfinite(margin):
-        _err(f"margin must be finite; got {margin}", ValueError)
     return (
         score,
         eligible,
