@@ -41,8 +41,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", re
     two roundings drift apart as the partial sums grow, so beyond 128 terms the tolerance grows with it."""
     scale = max(1.0, reduction / 128)
     tolerance = {key: value * scale for key, value in TOLERANCES[actual.dtype].items()}
-    torch.testing.assert_close(
-        actual, expected.to(actual.dtype), equal_nan=True, msg=msg or None, **tolerance
+    torch.testing.assert_close(  # a msg string would replace torch's report of where and by how much
+        actual, expected.to(actual.dtype), equal_nan=True, msg=lambda report: f"{msg}\n{report}", **tolerance
     )
 
 

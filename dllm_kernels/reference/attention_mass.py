@@ -1,4 +1,5 @@
-"""attention_mass in plain PyTorch (fp32 accumulation): the statement of the statistic and the oracle.
+"""attention_mass in plain PyTorch (fp64 arithmetic, fp32 result): the statement of the statistic and the
+oracle.
 
 Query ``i`` of row ``b`` sits at position ``p = q_start[b] + i`` and sees key ``j`` iff ``j < kv_len[b]`` and
 (``block_size == 0`` or ``j // block_size <= p // block_size``), exactly as in block_attention; query head
@@ -21,9 +22,9 @@ import math
 
 import torch
 
-# Queries per chunk are chosen so that one chunk's [B, Hq, chunk, S] scores stay near this many floats:
+# Queries per chunk are chosen so that one chunk's [B, Hq, chunk, S] scores stay near this many doubles:
 # nothing [B, H, L, L] is built for long inputs.
-_SCORES_PER_CHUNK = 2**24
+_SCORES_PER_CHUNK = 2**23
 
 
 def top_of(mass: torch.Tensor) -> torch.Tensor:
@@ -54,20 +55,21 @@ def attention_mass(
 
     key_pos = torch.arange(s_max, device=device)
     valid = key_pos[None, :] < kv_len.long()[:, None]  # [B, S]
-    keys = k_cache.float().transpose(1, 2)  # [B, Hkv, S, D]
+    # fp64: torch's fp32 CPU matmul was seen 2e-5 off in some processes, too far for an oracle
+    keys = k_cache.double().transpose(1, 2)  # [B, Hkv, S, D]
     counted = torch.ones(n_rows, n_queries, dtype=torch.bool, device=device)
     if query_mask is not None:
         counted = query_mask
-    mass = torch.zeros(n_rows, s_max, dtype=torch.float32, device=device)
+    mass = torch.zeros(n_rows, s_max, dtype=torch.float64, device=device)
     chunk = max(1, _SCORES_PER_CHUNK // max(1, n_rows * n_heads * s_max))
     for start in range(0, n_queries, chunk):
         end = min(start + chunk, n_queries)
         # [B, Hkv, G, c, D]: each query head next to the KV head it reads. A NaN score (a NaN query or key)
         # stays in its own (query, key) entry, which the torch.where below drops unless it counts.
-        queries = q[:, start:end].float().reshape(n_rows, end - start, n_kv_heads, group, head_dim)
+        queries = q[:, start:end].double().reshape(n_rows, end - start, n_kv_heads, group, head_dim)
         queries = queries.permute(0, 2, 3, 1, 4)
         scores = torch.einsum("bkgqd,bksd->bkgqs", queries, keys) * scale
-        chunk_lse = lse[:, :, start:end].reshape(n_rows, n_kv_heads, group, end - start, 1)
+        chunk_lse = lse[:, :, start:end].double().reshape(n_rows, n_kv_heads, group, end - start, 1)
         query_pos = q_start.long()[:, None] + torch.arange(start, end, device=device)  # [B, c]
         visible = valid[:, None, :] & counted[:, start:end, None]  # [B, c, S]
         if block_size > 0:
@@ -75,6 +77,7 @@ def attention_mass(
         take = visible[:, None, None] & (chunk_lse != -torch.inf)
         probs = torch.where(take, torch.exp(scores - chunk_lse), 0.0)
         mass += probs.sum(dim=(1, 2, 3))
+    mass = mass.float()
     if key_mask is not None:
         mass = torch.where(key_mask, 0.0, mass)
     return mass, top_of(mass)
